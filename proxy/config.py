@@ -1,0 +1,480 @@
+"""routes.yaml → typed, validated objects.
+
+Loading runs in three steps, each reporting problems by file and key path:
+YAML parse, ``${VAR}``/``*_file`` resolution on the raw tree, then pydantic
+validation (presets are merged in by ``proxy.presets`` before validation).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from proxy.problems import ConfigError
+
+ADMIN_PREFIX = "/-/"
+SECRET_KEYS = frozenset({"password", "client_secret", "token", "key", "client_key_password"})
+
+
+class Secret(SecretStr):
+    """A secret that prints as ``***`` everywhere: repr, str, JSON, validation errors."""
+
+    def _display(self) -> str:
+        return "***"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+def _check_url(value: str, *, what: str) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{what} must be an absolute http(s) URL, got {value!r}")
+    if url.fragment:
+        raise ValueError(f"{what} must not have a fragment")
+    return value
+
+
+class Listen(Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class Timeout(Model):
+    connect: float = Field(default=5.0, gt=0)
+    read: float = Field(default=60.0, gt=0)
+
+
+class TLS(Model):
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLS:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+        for p in (self.ca_file, self.client_cert_file, self.client_key_file):
+            if p is not None and not p.is_file():
+                raise ValueError(f"file not found: {p}")
+        return self
+
+
+class Replay(Model):
+    enabled: bool = True
+    memory: ByteSize = ByteSize(1024 * 1024)
+    max_body: ByteSize = ByteSize(100 * 1024 * 1024)
+
+
+class ResponseFields(Model):
+    """Field names of a non-standard token endpoint's JSON answer."""
+
+    access_token: str = "access_token"
+    expires_in: str = "expires_in"
+    token_type: str = "token_type"
+    refresh_token: str = "refresh_token"
+    scope: str = "scope"
+
+
+class Retry(Model):
+    attempts: int = Field(default=3, ge=1, le=20)
+    max_time: float = Field(default=10.0, gt=0)
+    initial_backoff: float = Field(default=0.2, ge=0)
+    max_backoff: float = Field(default=5.0, ge=0)
+
+
+class RefreshAhead(Model):
+    """Renew when ``max(fraction * lifetime, min_seconds)`` (capped below lifetime) remains."""
+
+    fraction: float = Field(default=0.1, ge=0, lt=1)
+    min_seconds: float = Field(default=30.0, ge=0)
+
+
+Grant = Literal["client_credentials", "password", "simacan", "static"]
+
+
+class Provider(Model):
+    """How to obtain one vendor's token. Presets fill keys the user left out."""
+
+    name: str = ""
+    preset: Literal["simacan", "simplifi", "simpledocs", "sipsim"] | None = None
+    environment: Literal["production", "staging"] | None = None
+    optional: bool = False
+    grant: Grant
+    token_url: str | None = None
+    refresh_url: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    client_auth: Literal["basic", "body"] = "basic"
+    username: str | None = None
+    password: Secret | None = None
+    scope: str | None = None
+    audience: str | None = None
+    token: Secret | None = None
+    token_params: dict[str, str] = Field(default_factory=dict)
+    token_headers: dict[str, str] = Field(default_factory=dict)
+    response: ResponseFields = ResponseFields()
+    default_lifetime: float = Field(default=3600.0, gt=0)
+    refresh_ahead: RefreshAhead = RefreshAhead()
+    retry: Retry = Retry()
+    cooldown: float = Field(default=30.0, ge=0)
+    timeout: Timeout = Timeout(connect=5.0, read=15.0)
+    tls: TLS = TLS()
+
+    @field_validator("token_url", "refresh_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else _check_url(v, what="token endpoint")
+
+    @model_validator(mode="after")
+    def _grant_fields(self) -> Provider:
+        need: dict[str, tuple[str, ...]] = {
+            "client_credentials": ("token_url", "client_id", "client_secret"),
+            "password": ("token_url", "username", "password"),
+            "simacan": ("token_url", "refresh_url", "username", "password"),
+            "static": ("token",),
+        }
+        missing = [k for k in need[self.grant] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"grant {self.grant} needs {', '.join(missing)}")
+        return self
+
+    def settings_key(self) -> str:
+        """Everything that defines this provider, secrets included: equal keys share a token."""
+        dumped = self.model_dump(mode="python")
+        for k in ("client_secret", "password", "token"):
+            v = getattr(self, k)
+            dumped[k] = v.get_secret_value() if v is not None else None
+        return repr(sorted(dumped.items()))
+
+
+class Route(Model):
+    prefix: str
+    upstream: str
+    provider: str | None = None
+    timeout: Timeout = Timeout()
+    replay: Replay = Replay()
+    tls: TLS = TLS()
+    allow_plain_http: bool = False
+    max_body: ByteSize | None = None
+    websocket: bool = True
+    key_header: str = "X-Api-Key"
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("prefix must start with '/'")
+        if v.startswith(ADMIN_PREFIX) or v.rstrip("/") == "/-":
+            raise ValueError(f"prefix must not be under the reserved admin prefix {ADMIN_PREFIX}")
+        if any(c in v for c in "?#%\\") or "//" in v or "/../" in f"{v}/" or "/./" in f"{v}/":
+            raise ValueError("prefix must be a plain path without '?', '#', '%', '\\\\' or dot segments")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        _check_url(v, what="upstream")
+        if URL(v).query_string:
+            raise ValueError("upstream must not have a query string")
+        return v
+
+    @property
+    def match_prefix(self) -> str:
+        """The prefix without its trailing slash; matching happens at segment boundaries."""
+        return self.prefix.rstrip("/") or "/"
+
+
+class Client(Model):
+    id: str
+    key_sha256: str | None = None
+    key: Secret | None = None
+    routes: list[str] = Field(default_factory=lambda: ["/"])
+    rate: str | None = None
+    burst: int | None = Field(default=None, ge=1)
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("key_sha256 must be 64 hex digits")
+        return None if v is None else v.lower()
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+(\.\d+)?/(s|m|h)", v):
+            raise ValueError("rate must look like 50/s, 600/m or 1000/h")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Client:
+        if (self.key_sha256 is None) == (self.key is None):
+            raise ValueError("give exactly one of key_sha256, key or key_file")
+        return self
+
+
+class Limits(Model):
+    max_line_size: int = Field(default=8190, ge=256)
+    max_field_size: int = Field(default=8190, ge=256)
+    max_headers: int = Field(default=100, ge=1)
+    max_body: ByteSize | None = None
+    keepalive_timeout: float = Field(default=75.0, gt=0)
+    header_timeout: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=10000, ge=1)
+
+
+class Config(Model):
+    listen: Listen = Listen()
+    admin: Listen | None = None
+    providers: dict[str, Provider] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    clients: list[Client] = Field(default_factory=list)
+    limits: Limits = Limits()
+    spool_dir: Path | None = None
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    trusted_proxies: list[str] = Field(default_factory=list)
+    allow_unauthenticated: bool = False
+    trust_env: bool = True
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Config:
+        inactive = (info.context or {}).get("inactive", set())
+        seen: set[str] = set()
+        for i, r in enumerate(self.routes):
+            if r.match_prefix in seen:
+                raise _KeyedError(("routes", i, "prefix"), f"duplicate prefix {r.prefix!r}")
+            seen.add(r.match_prefix)
+            known = r.provider in self.providers or r.provider in inactive
+            if r.provider is not None and not known:
+                raise _KeyedError(
+                    ("routes", i, "provider"), f"provider {r.provider!r} is not defined"
+                )
+        return self
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that knows its own key path."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class Loaded:
+    """A validated config plus what start-up should say about it."""
+
+    config: Config
+    path: str
+    inactive_providers: dict[str, list[str]] = field(default_factory=dict)
+
+    def route_waits_for(self, route: Route) -> list[str]:
+        if route.provider is None:
+            return []
+        return self.inactive_providers.get(route.provider, [])
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
+
+
+def format_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+class _Unset(Exception):
+    def __init__(self, loc: tuple[str | int, ...], var: str) -> None:
+        self.loc = loc
+        self.var = var
+
+
+def _interpolate(value: str, loc: tuple[str | int, ...], env: Mapping[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise _Unset(loc, name)
+
+    return _VAR.sub(sub, value)
+
+
+def _resolve(
+    node: Any, loc: tuple[str | int, ...], env: Mapping[str, str], base: Path, file: str
+) -> Any:
+    """Interpolate variables and read ``*_file`` keys, depth first."""
+    if isinstance(node, str):
+        return _interpolate(node, loc, env)
+    if isinstance(node, list):
+        return [_resolve(v, (*loc, i), env, base, file) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if not isinstance(k, str):
+            raise ConfigError(file, format_path(loc), f"key {k!r} must be a string")
+        val = _resolve(v, (*loc, k), env, base, file)
+        if k.endswith("_file") and k[: -len("_file")] in SECRET_KEYS:
+            target = k[: -len("_file")]
+            if target in node:
+                raise ConfigError(file, format_path((*loc, k)), f"give {target} or {k}, not both")
+            out[target] = _read_secret_file(val, base, file, (*loc, k))
+        else:
+            out[k] = val
+    return out
+
+
+def _read_secret_file(val: Any, base: Path, file: str, loc: tuple[str | int, ...]) -> str:
+    if not isinstance(val, str):
+        raise ConfigError(file, format_path(loc), "must be a file path")
+    p = Path(val)
+    p = p if p.is_absolute() else base / p
+    try:
+        return p.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(file, format_path(loc), f"cannot read {p}: {exc.strerror}") from None
+
+
+def _resolve_providers(
+    raw: dict[str, Any], env: Mapping[str, str], base: Path, file: str
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Providers marked ``optional`` whose variables are unset become inactive, not errors."""
+    from proxy.presets import apply_preset
+
+    providers = raw.get("providers") or {}
+    if not isinstance(providers, dict):
+        raise ConfigError(file, "providers", "must be a mapping of name to provider")
+    resolved: dict[str, Any] = {}
+    inactive: dict[str, list[str]] = {}
+    for name, body in providers.items():
+        loc: tuple[str | int, ...] = ("providers", str(name))
+        if not isinstance(body, dict):
+            raise ConfigError(file, format_path(loc), "must be a mapping")
+        missing = _unset_vars(body, env)
+        if missing and body.get("optional") is True:
+            inactive[str(name)] = missing
+            continue
+        try:
+            data = _resolve(body, loc, env, base, file)
+        except _Unset as exc:
+            raise ConfigError(
+                file, format_path(exc.loc), f"environment variable {exc.var} is not set"
+            ) from None
+        resolved[str(name)] = apply_preset(data, file, loc) | {"name": str(name)}
+    return resolved, inactive
+
+
+def _unset_vars(node: Any, env: Mapping[str, str]) -> list[str]:
+    if isinstance(node, str):
+        return [m.group(1) for m in _VAR.finditer(node) if m.group(1) and m.group(2) is None
+                and m.group(1) not in env]
+    if isinstance(node, list):
+        return [v for item in node for v in _unset_vars(item, env)]
+    if isinstance(node, dict):
+        return [v for item in node.values() for v in _unset_vars(item, env)]
+    return []
+
+
+def parse_config(
+    text: str, file: str = "<config>", env: Mapping[str, str] | None = None,
+    base: Path | None = None,
+) -> Loaded:
+    env = os.environ if env is None else env
+    base = base or Path(".")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(file, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", "top level must be a mapping")
+    providers, inactive = _resolve_providers(raw, env, base, file)
+    rest = {k: v for k, v in raw.items() if k != "providers"}
+    try:
+        data = _resolve(rest, (), env, base, file)
+    except _Unset as exc:
+        raise ConfigError(
+            file, format_path(exc.loc), f"environment variable {exc.var} is not set"
+        ) from None
+    data["providers"] = providers
+    try:
+        config = _validate(data, inactive)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _KeyedError):
+            loc = ctx_err.loc
+            msg = str(ctx_err)
+        else:
+            msg = _message(err)
+        extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(file, format_path(loc), msg + extra) from None
+    return Loaded(config=config, path=file, inactive_providers=inactive)
+
+
+def _validate(data: dict[str, Any], inactive: Mapping[str, list[str]]) -> Config:
+    return Config.model_validate(data, context={"inactive": set(inactive)})
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    return msg.removeprefix("Value error, ")
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Loaded:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"cannot read config: {exc.strerror}") from None
+    return parse_config(text, str(p), env, p.parent)

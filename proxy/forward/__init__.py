@@ -1,0 +1,1 @@
+"""The forwarder: routing, headers, bodies, replay. It knows nothing about vendors."""

@@ -1,0 +1,1 @@
+"""Vendor tokens: how to obtain them (grants) and how to keep them (cache)."""
