@@ -1,0 +1,468 @@
+"""How each grant obtains a token from a vendor: one request (or two) per ``fetch``.
+
+Grants do no caching, retrying or locking (that is ``proxy.tokens.cache``); they
+translate every HTTP or transport failure once, here, into ``TokenError`` (give
+up) or ``TransientTokenError`` (worth retrying). Error texts name the provider
+and what went wrong, never a secret or a token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+from urllib.parse import quote_plus
+
+import aiohttp
+import jwt
+
+from proxy.config import Provider
+from proxy.problems import TokenError
+from proxy.tls import client_ssl, server_hostname
+from proxy.tokens.source import Clock, Token
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+# RFC 6749 §5.2 codes that mean "these credentials or this request will not work".
+CREDENTIAL_CODES = frozenset(
+    {"invalid_client", "invalid_grant", "unauthorized_client", "invalid_scope", "access_denied"}
+)
+MAX_SKEW = 5.0  # seconds of Date-header disagreement tolerated before correcting
+_DETAIL_LIMIT = 200
+
+
+class TransientTokenError(TokenError):
+    """A failure worth retrying: no answer, a timeout, 5xx or 429.
+
+    ``idp_status`` is the HTTP status when the token endpoint answered at all,
+    so the cache can tell "unreachable" (503) from "answered with an error" (502).
+    """
+
+    def __init__(
+        self,
+        provider: str,
+        detail: str,
+        *,
+        retry_after: float | None = None,
+        idp_status: int | None = None,
+    ) -> None:
+        super().__init__(provider, detail, status=503, retry_after=retry_after)
+        self.idp_status = idp_status
+
+
+class Grant(Protocol):
+    """Obtains a token; ``current`` is the last token, for grants that can refresh it."""
+
+    async def fetch(self, current: Token | None) -> tuple[Token, str]:
+        """The new token and the step used: client_credentials, login, refresh or static."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A token endpoint's answer, read in full (token answers are small)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    content_type: str
+
+
+def make_grant(
+    provider: Provider,
+    session: aiohttp.ClientSession,
+    *,
+    clock: Clock,
+    on_event: EventSink | None = None,
+) -> Grant:
+    """The grant class for ``provider.grant``."""
+    if provider.grant == "static":
+        return StaticGrant(provider, clock=clock)
+    kinds: dict[str, Callable[..., Grant]] = {
+        "client_credentials": ClientCredentialsGrant,
+        "password": PasswordGrant,
+        "simacan": SimacanGrant,
+    }
+    return kinds[provider.grant](provider, session, clock=clock, on_event=on_event)
+
+
+class StaticGrant:
+    """A configured token that never expires (the vendor hands out long-lived keys)."""
+
+    def __init__(self, provider: Provider, *, clock: Clock) -> None:
+        if provider.token is None:
+            raise ValueError(f"provider {provider.name}: static grant needs a token")
+        self._value = provider.token.get_secret_value()
+        self._clock = clock
+
+    async def fetch(self, current: Token | None) -> tuple[Token, str]:
+        now = self._clock()
+        return Token(self._value, expires_at=math.inf, obtained_at=now), "static"
+
+
+class _HttpGrant:
+    """What every HTTP grant shares: posting a form, timing it, reading the answer."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        session: aiohttp.ClientSession,
+        *,
+        clock: Clock,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.provider = provider
+        self._session = session
+        self._clock = clock
+        self._on_event = on_event
+        self._ssl = client_ssl(provider.tls)
+        self._timeout = aiohttp.ClientTimeout(
+            total=provider.timeout.connect + provider.timeout.read,
+            sock_connect=provider.timeout.connect,
+            sock_read=provider.timeout.read,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} provider={self.provider.name!r}>"
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(event, {"provider": self.provider.name, **fields})
+
+    def _client_auth(self, form: dict[str, str], headers: dict[str, str]) -> None:
+        """Add client credentials as RFC 6749 §2.3.1 says: Basic (each part encoded) or body."""
+        p = self.provider
+        if p.client_id is None or p.client_secret is None:
+            return
+        secret = p.client_secret.get_secret_value()
+        if p.client_auth == "body":
+            form["client_id"] = p.client_id
+            form["client_secret"] = secret
+            return
+        pair = f"{quote_plus(p.client_id, safe='')}:{quote_plus(secret, safe='')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+    def _oauth_extras(self, form: dict[str, str]) -> None:
+        p = self.provider
+        if p.scope:
+            form["scope"] = p.scope
+        if p.audience:
+            form["audience"] = p.audience
+        for k, v in p.token_params.items():
+            form.setdefault(k, v)
+
+    async def _request(
+        self,
+        step: str,
+        url: str,
+        form: dict[str, str],
+        headers: dict[str, str] | None = None,
+        *,
+        refusable: bool = False,
+    ) -> Token | None:
+        """POST ``form``; the token, or None when ``refusable`` and the refresh was refused."""
+        started = time.perf_counter()
+        outcome, code = "error", None
+        try:
+            answer, sent_at = await self._post(step, url, form, headers or {})
+            if refusable and _refused(answer):
+                code = _error_code(answer)
+                return None
+            token = self._token_from(step, answer, sent_at)
+            outcome = "success"
+            return token
+        except TransientTokenError:
+            outcome = "transient"
+            raise
+        except TokenError as exc:
+            code = exc.code
+            raise
+        finally:
+            self._emit(
+                "token_request",
+                step=step,
+                outcome=outcome,
+                code=code,
+                duration=round(time.perf_counter() - started, 6),
+            )
+
+    async def _post(
+        self, step: str, url: str, form: dict[str, str], headers: dict[str, str]
+    ) -> tuple[_Answer, float]:
+        sent_at = self._clock()
+        all_headers = {"Accept": "application/json", **self.provider.token_headers, **headers}
+        try:
+            async with self._session.post(
+                url,
+                data=form,
+                headers=all_headers,
+                allow_redirects=False,
+                ssl=self._ssl,
+                server_hostname=server_hostname(self.provider.tls),
+                timeout=self._timeout,
+            ) as resp:
+                body = await resp.read()
+                answer = _Answer(resp.status, resp.headers, body, resp.content_type)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            what = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise TransientTokenError(
+                self.provider.name, f"{step} request to the token endpoint failed: {what}"
+            ) from None
+        return answer, sent_at
+
+    def _token_from(self, step: str, answer: _Answer, sent_at: float) -> Token:
+        if 200 <= answer.status < 300:
+            return parse_token(self.provider, answer, sent_at, self._scrub)
+        raise classify_failure(self.provider.name, step, answer, sent_at, self._scrub)
+
+    def _scrub(self, text: str) -> str:
+        """Vendor-supplied text, cut short and with any configured secret masked."""
+        text = text[:_DETAIL_LIMIT]
+        for secret in (self.provider.client_secret, self.provider.password, self.provider.token):
+            if secret is not None and secret.get_secret_value():
+                text = text.replace(secret.get_secret_value(), "***")
+        return text
+
+
+class ClientCredentialsGrant(_HttpGrant):
+    """RFC 6749 §4.4; a refresh token in the answer is ignored (re-authenticating is free)."""
+
+    async def fetch(self, current: Token | None) -> tuple[Token, str]:
+        step = "client_credentials"
+        form = {"grant_type": "client_credentials"}
+        headers: dict[str, str] = {}
+        self._client_auth(form, headers)
+        self._oauth_extras(form)
+        token = await self._request(step, _url(self.provider.token_url), form, headers)
+        assert token is not None
+        return replace(token, refresh_token=None), step
+
+
+class PasswordGrant(_HttpGrant):
+    """RFC 6749 §4.3 with §6 refresh; a refused refresh falls back to one login."""
+
+    async def fetch(self, current: Token | None) -> tuple[Token, str]:
+        if current is not None and current.refresh_token is not None:
+            token = await self._refresh(current.refresh_token)
+            if token is not None:
+                kept = token.refresh_token or current.refresh_token
+                return replace(token, refresh_token=kept), "refresh"
+            self._emit("refresh_refused_login", step="refresh")
+        return await self._login(), "login"
+
+    async def _login(self) -> Token:
+        p = self.provider
+        password = p.password.get_secret_value() if p.password is not None else ""
+        form = {"grant_type": "password", "username": p.username or "", "password": password}
+        headers: dict[str, str] = {}
+        self._client_auth(form, headers)
+        self._oauth_extras(form)
+        token = await self._request("login", _url(p.token_url), form, headers)
+        assert token is not None
+        return token
+
+    async def _refresh(self, refresh_token: str) -> Token | None:
+        p = self.provider
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        headers: dict[str, str] = {}
+        self._client_auth(form, headers)
+        url = _url(p.refresh_url or p.token_url)
+        return await self._request("refresh", url, form, headers, refusable=True)
+
+
+class SimacanGrant(_HttpGrant):
+    """Simacan's dialect: exactly username+password, or exactly refresh_token.
+
+    Every refresh rotates the refresh token, so only the newest is kept; the
+    password endpoint is used only when there is no refresh token or it was refused.
+    """
+
+    async def fetch(self, current: Token | None) -> tuple[Token, str]:
+        p = self.provider
+        if current is not None and current.refresh_token is not None:
+            form = {"refresh_token": current.refresh_token}
+            token = await self._request("refresh", _url(p.refresh_url), form, refusable=True)
+            if token is not None:
+                return token, "refresh"
+            self._emit("refresh_refused_login", step="refresh")
+        password = p.password.get_secret_value() if p.password is not None else ""
+        form = {"username": p.username or "", "password": password}
+        token = await self._request("login", _url(p.token_url), form)
+        assert token is not None
+        return token, "login"
+
+
+# ---------------------------------------------------------------------------
+# reading answers, written once for every grant
+
+
+def parse_token(
+    provider: Provider, answer: _Answer, now: float, scrub: Callable[[str], str] = str
+) -> Token:
+    """A successful answer → Token; a body we cannot use → TokenError saying why."""
+    doc = _json_object(answer)
+    if doc is None:
+        raise TokenError(
+            provider.name,
+            f"token endpoint answered {answer.status} with a body that is not a JSON object"
+            f" (content type {answer.content_type or 'none'})",
+        )
+    fields = provider.response
+    value = doc.get(fields.access_token)
+    if not isinstance(value, str) or not value:
+        raise TokenError(provider.name, f"token endpoint answer has no {fields.access_token}")
+    token_type = doc.get(fields.token_type)
+    if token_type is not None and str(token_type).lower() != "bearer":
+        kind = scrub(str(token_type))
+        raise TokenError(provider.name, f"token type {kind!r} is not supported (only Bearer)")
+    lifetime = _lifetime(provider, doc.get(fields.expires_in), value, answer, now)
+    refresh = doc.get(fields.refresh_token)
+    return Token(
+        value,
+        expires_at=now + lifetime,
+        obtained_at=now,
+        scope=_scope(doc.get(fields.scope)),
+        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
+    )
+
+
+def _json_object(answer: _Answer) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(answer.body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _lifetime(provider: Provider, raw: object, value: str, answer: _Answer, now: float) -> float:
+    """Seconds the token lives: expires_in (number or numeric string), JWT exp, or the default."""
+    if raw is None:
+        exp = _jwt_exp(value)
+        if exp is None:
+            return provider.default_lifetime
+        return exp + _skew(answer, now) - now
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise TokenError(provider.name, "token endpoint answer has a non-numeric expires_in")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise TokenError(
+            provider.name, "token endpoint answer has a non-numeric expires_in"
+        ) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TokenError(provider.name, "token endpoint answer has a non-positive expires_in")
+    return seconds
+
+
+def _jwt_exp(value: str) -> float | None:
+    """The ``exp`` claim when the token is a JWT; read, not trusted (it is not ours to verify)."""
+    if value.count(".") != 2:
+        return None
+    try:
+        claims = jwt.decode(value, options={"verify_signature": False, "verify_exp": False})
+    except jwt.PyJWTError:
+        return None
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def _skew(answer: _Answer, now: float) -> float:
+    """How far our clock is ahead of the server's, when beyond ``MAX_SKEW``; else 0.
+
+    Absolute times the server sends (JWT ``exp``, Retry-After dates) are in its
+    clock; adding this puts them on ours.
+    """
+    server = _http_date(answer.headers.get("Date"))
+    if server is None or abs(now - server) <= MAX_SKEW:
+        return 0.0
+    return now - server
+
+
+def _http_date(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        return parsedate_to_datetime(raw).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _scope(raw: object) -> str | None:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list):
+        return " ".join(str(s) for s in raw)
+    return None
+
+
+def classify_failure(
+    provider: str, step: str, answer: _Answer, now: float, scrub: Callable[[str], str] = str
+) -> TokenError:
+    """A non-2xx answer → the error to raise: transient (retry) or final (credentials, config)."""
+    status = answer.status
+    if status == 429 or status == 408 or status >= 500:
+        return TransientTokenError(
+            provider,
+            f"{step} request: token endpoint answered HTTP {status}",
+            retry_after=retry_after(answer, now),
+            idp_status=status,
+        )
+    if 300 <= status < 400:
+        return TokenError(provider, f"{step} request: token endpoint redirected ({status})")
+    code = _error_code(answer)
+    doc = _json_object(answer) or {}
+    said = doc.get("error_description") or doc.get("detail") or doc.get("title")
+    why = f": {scrub(said)}" if isinstance(said, str) and said else ""
+    credential = status == 401 or (status in (400, 403) and code is not None)
+    label = f" {code}" if code else ""
+    return TokenError(
+        provider,
+        f"{step} request refused: HTTP {status}{label}{why}",
+        code=code,
+        credential_failure=credential,
+    )
+
+
+def _error_code(answer: _Answer) -> str | None:
+    """RFC 6749 ``error``, or an RFC 9457-style problem ``type`` (SimpleDocs)."""
+    doc = _json_object(answer)
+    if doc is None:
+        return None
+    for key in ("error", "type"):
+        code = doc.get(key)
+        if isinstance(code, str) and code and len(code) <= 100:
+            return code
+    return None
+
+
+def _refused(answer: _Answer) -> bool:
+    """A refresh the IdP will never accept: log in again instead."""
+    return answer.status == 401 or (
+        answer.status == 400 and _error_code(answer) in ("invalid_grant", "invalid_token")
+    )
+
+
+def retry_after(answer: _Answer, now: float) -> float | None:
+    """Retry-After in seconds: delta-seconds, or an HTTP date read on the server's clock."""
+    raw = answer.headers.get("Retry-After")
+    if not raw:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return float(raw)
+    when = _http_date(raw)
+    if when is None:
+        return None
+    server_now = _http_date(answer.headers.get("Date")) or now
+    return max(0.0, when - server_now)
+
+
+def _url(url: str | None) -> str:
+    if url is None:  # config validation guarantees it; this keeps the type checker honest
+        raise ValueError("token endpoint URL is not configured")
+    return url
