@@ -290,12 +290,13 @@ async def _echo(request: web.Request) -> web.Response:
     if isinstance(issued, str):
         return _unauthorized(vendor, issued)
     length, digest = await _digest_body(request)
+    raw_path, _, raw_query = request.raw_path.partition("?")
     return web.json_response(
         {
             "method": request.method,
             "path": request.path,
-            "raw_path": request.raw_path.partition("?")[0],
-            "query": request.query_string,
+            "raw_path": raw_path,  # as it arrived: shows whether a proxy re-quoted anything
+            "query": raw_query,
             "token": _describe(issued, vendor.clock()),
             "body": {"length": length, "sha256": digest},
             "headers": {
