@@ -1,0 +1,121 @@
+"""Longest-prefix routing and the byte-exact mapping of a request target to an upstream URL.
+
+The path is never decoded for forwarding: what the client sent is what the
+upstream gets. Decoding happens only to *check* it: any path whose dot segments
+appear after one or more rounds of percent-decoding, in overlong UTF-8 or
+``%u`` forms, next to ``;`` parameters, or with a backslash is refused, because
+upstreams disagree on how often they decode and what they treat as a separator.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+from urllib.parse import unquote_to_bytes
+
+from yarl import URL
+
+from proxy.problems import BadRequest
+
+T = TypeVar("T")
+
+DECODE_ROUNDS = 4
+_OVERLONG = re.compile(rb"[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
+_ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A request target split into its raw path and raw query (``None``: no ``?``)."""
+
+    path: str
+    query: str | None
+
+    @classmethod
+    def parse(cls, raw: str) -> Target:
+        """Split a request target; absolute-form keeps only its path, never its host."""
+        m = _ABSOLUTE_FORM.match(raw)
+        if m:
+            raw = raw[m.end() :] or "/"
+        if not raw.startswith("/"):
+            raise BadRequest("request target must be a path")
+        raw = raw.split("#", 1)[0]
+        path, sep, query = raw.partition("?")
+        return cls(path, query if sep else None)
+
+
+class RouteTable(Generic[T]):
+    """Maps path prefixes to routes; lookup walks the path's segment boundaries once."""
+
+    def __init__(self, entries: Iterable[tuple[str, T]]) -> None:
+        self._by_prefix: dict[str, T] = {}
+        for prefix, value in entries:
+            key = prefix.rstrip("/") or "/"
+            self._by_prefix[key] = value
+
+    def __len__(self) -> int:
+        return len(self._by_prefix)
+
+    def lookup(self, path: str) -> tuple[T, str] | None:
+        """The route with the longest prefix matching ``path`` and the remainder after it."""
+        get = self._by_prefix.get
+        end = len(path)
+        while end > 0:
+            candidate = path[:end]
+            hit = get(candidate)
+            if hit is not None:
+                return hit, path[end:]
+            end = path.rfind("/", 0, end)
+        hit = get("/")
+        if hit is not None:
+            return hit, path
+        return None
+
+
+def check_remainder(remainder: str) -> None:
+    """Refuse a path remainder that could leave the route's base on some upstream."""
+    if "\\" in remainder:
+        raise BadRequest("backslash in path")
+    if "%u" in remainder or "%U" in remainder:
+        raise BadRequest("%u escape in path")
+    data = remainder.encode("utf-8", "surrogateescape")
+    for _ in range(DECODE_ROUNDS):
+        _check_segments(data)
+        if b"%" not in data:
+            return
+        data = unquote_to_bytes(data)
+    _check_segments(data)
+    if b"%" in data:
+        raise BadRequest("path is percent-encoded too many times")
+
+
+def _check_segments(data: bytes) -> None:
+    if b"\\" in data:
+        raise BadRequest("encoded backslash in path")
+    if b"\x00" in data:
+        raise BadRequest("NUL in path")
+    if _OVERLONG.search(data):
+        raise BadRequest("overlong UTF-8 in path")
+    for segment in data.split(b"/"):
+        name = segment.split(b";", 1)[0]
+        if name == b"..":
+            raise BadRequest("dot segment in path")
+
+
+def join_path(base_path: str, remainder: str) -> str:
+    """``/v1/`` + ``/trips/7`` → ``/v1/trips/7``; an empty remainder maps to the base itself."""
+    if not remainder:
+        return base_path
+    if remainder.startswith("/"):
+        return base_path.rstrip("/") + remainder
+    return base_path + remainder
+
+
+def upstream_url(origin: URL, base_path: str, remainder: str, query: str | None) -> URL:
+    """Build the upstream URL without re-quoting anything."""
+    check_remainder(remainder)
+    path = join_path(base_path, remainder)
+    text = str(origin) + path + ("" if query is None else "?" + query)
+    return URL(text, encoded=True)
