@@ -198,7 +198,9 @@ class Route(Model):
         if v.startswith(ADMIN_PREFIX) or v.rstrip("/") == "/-":
             raise ValueError(f"prefix must not be under the reserved admin prefix {ADMIN_PREFIX}")
         if any(c in v for c in "?#%\\") or "//" in v or "/../" in f"{v}/" or "/./" in f"{v}/":
-            raise ValueError("prefix must be a plain path without '?', '#', '%', '\\\\' or dot segments")
+            raise ValueError(
+                "prefix must be a plain path without '?', '#', '%', '\\\\' or dot segments"
+            )
         return v
 
     @field_validator("upstream")
@@ -409,8 +411,11 @@ def _resolve_providers(
 
 def _unset_vars(node: Any, env: Mapping[str, str]) -> list[str]:
     if isinstance(node, str):
-        return [m.group(1) for m in _VAR.finditer(node) if m.group(1) and m.group(2) is None
-                and m.group(1) not in env]
+        return [
+            m.group(1)
+            for m in _VAR.finditer(node)
+            if m.group(1) and m.group(2) is None and m.group(1) not in env
+        ]
     if isinstance(node, list):
         return [v for item in node for v in _unset_vars(item, env)]
     if isinstance(node, dict):
@@ -419,7 +424,9 @@ def _unset_vars(node: Any, env: Mapping[str, str]) -> list[str]:
 
 
 def parse_config(
-    text: str, file: str = "<config>", env: Mapping[str, str] | None = None,
+    text: str,
+    file: str = "<config>",
+    env: Mapping[str, str] | None = None,
     base: Path | None = None,
 ) -> Loaded:
     env = os.environ if env is None else env
@@ -429,7 +436,9 @@ def parse_config(
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(file, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(
+            file, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}"
+        ) from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(file, "", "top level must be a mapping")

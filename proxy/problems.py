@@ -63,6 +63,12 @@ class PayloadTooLarge(ProxyError):
     title = "Request body too large"
 
 
+class ClientTimeout(ProxyError):
+    status = 408
+    slug = "client-timeout"
+    title = "Client too slow"
+
+
 class Unauthorized(ProxyError):
     status = 401
     slug = "unauthorized"

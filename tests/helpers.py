@@ -52,9 +52,14 @@ class Echo:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         special = {
-            "/big": self._big, "/cookies": self._cookies, "/gzip": self._gzip,
-            "/never": self._never, "/gate": self._gate, "/nocontent": self._no_content,
-            "/notmodified": self._not_modified, "/redirect": self._redirect,
+            "/big": self._big,
+            "/cookies": self._cookies,
+            "/gzip": self._gzip,
+            "/never": self._never,
+            "/gate": self._gate,
+            "/nocontent": self._no_content,
+            "/notmodified": self._not_modified,
+            "/redirect": self._redirect,
             "/chunked": self._chunked,
         }
         for suffix, fn in special.items():
@@ -66,18 +71,26 @@ class Echo:
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             n += len(chunk)
-        seen = Seen(request.method, request.raw_path,
-                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers], digest.hexdigest(), n)
+        seen = Seen(
+            request.method,
+            request.raw_path,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+            digest.hexdigest(),
+            n,
+        )
         self.seen.append(seen)
         status = self.statuses.pop(0) if self.statuses else 200
-        return web.Response(status=status, body=orjson.dumps(seen.__dict__),
-                            content_type="application/json")
+        return web.Response(
+            status=status, body=orjson.dumps(seen.__dict__), content_type="application/json"
+        )
 
     async def _big(self, request: web.Request) -> web.StreamResponse:
         size = int(request.query.get("size", "1048576"))
         resp = web.StreamResponse()
         resp.content_length = size
         await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
         block = b"x" * 65536
         left = size
         while left:
@@ -95,8 +108,10 @@ class Echo:
         return resp
 
     async def _gzip(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=gzip.compress(b"hello " * 100, mtime=0),
-                            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+        return web.Response(
+            body=gzip.compress(b"hello " * 100, mtime=0),
+            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"},
+        )
 
     async def _never(self, request: web.Request) -> web.StreamResponse:
         self.hold.set()

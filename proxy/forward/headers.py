@@ -26,7 +26,9 @@ HOP_BY_HOP = frozenset(
         "Proxy-Authorization",
     )
 )
-_X_FORWARDED = frozenset(istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host"))
+_X_FORWARDED = frozenset(
+    istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
+)
 _REQUEST_DROP = HOP_BY_HOP | _X_FORWARDED | {istr("Host"), istr("Expect"), istr("X-Request-Id")}
 _AUTHORIZATION = istr("Authorization")
 

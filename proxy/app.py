@@ -1,0 +1,323 @@
+"""Wiring and lifecycle: one client session, one token registry, routes swapped atomically.
+
+A request takes the current ``Generation`` once, at arrival, and finishes on it
+even if a reload swaps in a new one meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import istr
+from yarl import URL
+
+from proxy.config import Config, Listen, Loaded, Route
+from proxy.forward.exchange import Exchange
+from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
+from proxy.forward.routing import RouteTable, Target
+from proxy.forward.spool import spool_root
+from proxy.forward.websocket import is_websocket_upgrade, proxy_websocket
+from proxy.observability import Observer, request_id_from
+from proxy.problems import (
+    BadRequest,
+    NotFound,
+    ProxyError,
+    ServiceUnavailable,
+    problem_response,
+)
+from proxy.tls import client_ssl, server_hostname
+from proxy.tokens.registry import TokenRegistry
+from proxy.tokens.source import Clock, system_clock
+
+log = structlog.get_logger("tokenrelay")
+
+ADMIN = "/-/"
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One loaded config, turned into what the hot path needs."""
+
+    loaded: Loaded
+    table: RouteTable[RouteRuntime]
+    registry: TokenRegistry
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+
+@dataclass
+class Runtime:
+    """The process's shared state; ``generation`` is replaced whole on reload."""
+
+    loaded: Loaded
+    clock: Clock
+    observer: Observer
+    session: aiohttp.ClientSession | None = None
+    forwarder: Forwarder | None = None
+    generation: Generation | None = None
+    spool_dir: Path | None = None
+    draining: bool = False
+    reloader: Callable[[], Awaitable[Loaded]] | None = None
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def build(self, loaded: Loaded, previous: TokenRegistry | None) -> Generation:
+        assert self.session is not None
+        providers = loaded.config.providers
+        if previous is None:
+            registry = TokenRegistry(
+                providers, self.session, clock=self.clock, on_event=self.observer.token_event
+            )
+        else:
+            registry = previous.rebuild(providers)
+        routes = [(r.prefix, _route_runtime(r, loaded, registry)) for r in loaded.config.routes]
+        return Generation(loaded, RouteTable(routes), registry)
+
+    async def reload(self) -> Generation:
+        """Swap in a new config; the caller gets ConfigError when it is invalid."""
+        assert self.reloader is not None and self.generation is not None
+        async with self._reload_lock:
+            loaded = await self.reloader()
+            gen = self.build(loaded, self.generation.registry)
+            self.generation = gen
+            self.loaded = loaded
+            return gen
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def _route_runtime(route: Route, loaded: Loaded, registry: TokenRegistry) -> RouteRuntime:
+    up = URL(route.upstream)
+    drop = {istr(route.key_header)} if loaded.config.clients else set()
+    if route.provider is not None:
+        drop.add(istr("Authorization"))
+    waits = loaded.route_waits_for(route)
+    source = registry.sources.get(route.provider) if route.provider and not waits else None
+    return RouteRuntime(
+        config=route,
+        prefix=route.prefix,
+        origin=up.origin(),
+        base_path=up.raw_path or "/",
+        source=source,
+        provider=route.provider or "",
+        waits_for=tuple(waits),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=route.timeout.connect, sock_read=route.timeout.read
+        ),
+        ssl=client_ssl(route.tls),
+        server_hostname=server_hostname(route.tls),
+        drop_headers=frozenset(drop),
+    )
+
+
+def make_session(config: Config) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        trust_env=config.trust_env,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60),
+        max_line_size=config.limits.max_line_size,
+        max_field_size=config.limits.max_field_size,
+        max_headers=config.limits.max_headers,
+    )
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Open the session and token registry at start-up, close them at shutdown."""
+    rt = app[RUNTIME]
+    config = rt.loaded.config
+    rt.spool_dir = spool_root(config.spool_dir)
+    rt.session = make_session(config)
+    max_body = int(config.limits.max_body) if config.limits.max_body is not None else None
+    rt.forwarder = Forwarder(rt.session, rt.spool_dir, max_body)
+    rt.generation = rt.build(rt.loaded, None)
+    rt.observer.set_token_states(lambda: _token_states(rt))
+    try:
+        yield
+    finally:
+        rt.draining = True
+        await rt.session.close()
+
+
+def _token_states(rt: Runtime) -> dict[str, dict[str, object]]:
+    gen = rt.generation
+    if gen is None:
+        return {}
+    return {name: src.state() for name, src in gen.registry.sources.items()}
+
+
+def create_app(
+    loaded: Loaded,
+    observer: Observer,
+    *,
+    clock: Clock = system_clock,
+    admin_on_main: bool = True,
+) -> web.Application:
+    app = web.Application(client_max_size=1024**2)
+    app[RUNTIME] = Runtime(loaded=loaded, clock=clock, observer=observer)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_route("*", "/{tail:.*}", _handler(admin_on_main))
+    return app
+
+
+def create_admin_app(main: web.Application) -> web.Application:
+    """The separate admin listener: only /-/, and reload is allowed here."""
+    app = web.Application()
+    rt = main[RUNTIME]
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        rid = request_id_from(request.headers.get("X-Request-Id"))
+        try:
+            return await _admin(request, rt, rid, on_admin_listener=True)
+        except ProxyError as err:
+            return problem_response(err, rid)
+
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME]
+        rid = request_id_from(request.headers.get("X-Request-Id"))
+        ex = Exchange(rid, request.method, "", _peer(request), time.perf_counter())
+        rt.observer.metrics.in_flight_gauge.inc()
+        try:
+            target = Target.parse(request.raw_path)
+            ex.path = target.path
+            if target.path.startswith(ADMIN) or target.path == "/-":
+                ex.route = ADMIN
+                if not admin_on_main:
+                    raise NotFound("admin endpoints are on the admin listener")
+                resp = await _admin(request, rt, rid, on_admin_listener=False)
+                ex.status = resp.status
+                return resp
+            return await _proxy(request, rt, target, ex)
+        except ProxyError as err:
+            ex.status = err.status
+            ex.error = ex.error or err.slug
+            return problem_response(err, rid)
+        except UpstreamFailed:
+            if request.transport is not None:
+                request.transport.close()
+            raise
+        except (ConnectionError, asyncio.CancelledError):
+            ex.error = ex.error or "client_gone"
+            raise
+        finally:
+            rt.observer.metrics.in_flight_gauge.dec()
+            rt.observer.request_done(ex)
+
+    return handle
+
+
+async def _proxy(
+    request: web.Request, rt: Runtime, target: Target, ex: Exchange
+) -> web.StreamResponse:
+    gen, fwd = rt.generation, rt.forwarder
+    if gen is None or fwd is None:
+        raise ServiceUnavailable("proxy is starting")
+    hit = gen.table.lookup(target.path)
+    if hit is None:
+        raise NotFound(f"no route for {target.path[:200]}")
+    route, remainder = hit
+    ex.route = route.prefix
+    ex.provider = route.provider
+    if route.waits_for:
+        raise ServiceUnavailable(
+            f"route {route.prefix} waits for provider {route.provider}: "
+            f"set {', '.join(route.waits_for)}"
+        )
+    if is_websocket_upgrade(request):
+        if not route.config.websocket:
+            raise BadRequest("WebSocket upgrades are off on this route")
+        return await proxy_websocket(request, rt.session, route, remainder, target.query, ex)
+    return await fwd.forward(request, route, remainder, target.query, ex)
+
+
+def _peer(request: web.Request) -> str:
+    return request.remote or ""
+
+
+def _is_loopback(peer: str) -> bool:
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
+
+
+async def _admin(
+    request: web.Request, rt: Runtime, rid: str, *, on_admin_listener: bool
+) -> web.StreamResponse:
+    path = request.path
+    private = on_admin_listener or _is_loopback(_peer(request))
+    if path == "/-/health":
+        return web.json_response({"status": "ok"})
+    if path == "/-/ready":
+        ready = rt.generation is not None and rt.session is not None and not rt.draining
+        status = 200 if ready else 503
+        return web.json_response({"status": "ready" if ready else "not ready"}, status=status)
+    if path == "/-/metrics":
+        body, ctype = rt.observer.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
+    if not private:
+        raise NotFound("admin endpoint is only served to loopback clients")
+    if path == "/-/tokens" and request.method == "GET":
+        return web.json_response(_token_states(rt))
+    if path.startswith("/-/tokens/") and path.endswith("/renew") and request.method == "POST":
+        return await _renew(rt, path.removeprefix("/-/tokens/").removesuffix("/renew"))
+    if path == "/-/reload" and request.method == "POST" and on_admin_listener:
+        gen = await rt.reload()
+        return web.json_response({"status": "reloaded", "routes": len(gen.table)})
+    raise NotFound(f"no admin endpoint {path[:100]}")
+
+
+async def _renew(rt: Runtime, provider: str) -> web.StreamResponse:
+    gen = rt.generation
+    source = gen.registry.sources.get(provider) if gen is not None else None
+    if source is None:
+        raise NotFound(f"no provider {provider[:100]}")
+    await source.renew()
+    return web.json_response({provider: source.state()})
+
+
+async def start_runner(
+    app: web.Application, cfg: Config, listen: Listen
+) -> tuple[web.AppRunner, int]:
+    """Start serving ``app``; returns the runner and the port actually bound."""
+    limits = cfg.limits
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=cfg.shutdown_grace,
+        handler_cancellation=True,
+        max_line_size=limits.max_line_size,
+        max_field_size=limits.max_field_size,
+        max_headers=limits.max_headers,
+        keepalive_timeout=limits.keepalive_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port, backlog=1024)
+    await site.start()
+    addresses = [a for a in runner.addresses if isinstance(a, tuple)]
+    port = int(addresses[-1][1]) if addresses else listen.port
+    return runner, port

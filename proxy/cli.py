@@ -1,0 +1,224 @@
+"""Command line: run the proxy, check a config, try a provider's credentials."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+
+from proxy import __version__
+from proxy.app import RUNTIME, create_admin_app, create_app, make_session, start_runner
+from proxy.config import Config, Listen, Loaded, load_config
+from proxy.observability import Observer, configure_logging
+from proxy.problems import ConfigError, TokenError
+from proxy.tokens.registry import TokenRegistry
+from proxy.tokens.source import system_clock
+
+EXIT_CONFIG = 2
+log = structlog.get_logger("tokenrelay")
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get("TOKENRELAY_CONFIG") or "routes.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenrelay",
+        description="Authenticating reverse proxy: injects vendor Bearer tokens.",
+        epilog="subcommands: 'tokenrelay check [--config PATH]', "
+        "'tokenrelay token PROVIDER [--config PATH]'",
+    )
+    p.add_argument("--version", action="version", version=f"tokenrelay {__version__}")
+    p.add_argument("--config", help="routes.yaml (default: $TOKENRELAY_CONFIG, ./routes.yaml)")
+    p.add_argument("--host", help="listen address (overrides listen.host)")
+    p.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    p.add_argument("--log-format", choices=("json", "console"), default="json")
+    return p
+
+
+def _sub_parser(name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"tokenrelay {name}")
+    p.add_argument("--config", help="routes.yaml (default: $TOKENRELAY_CONFIG, ./routes.yaml)")
+    if name == "token":
+        p.add_argument("provider", help="provider name from routes.yaml")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in ("check", "token"):
+        sub = _sub_parser(args_list[0]).parse_args(args_list[1:])
+        if args_list[0] == "check":
+            return _check(_config_path(sub.config))
+        return _token(_config_path(sub.config), sub.provider)
+    args = _parser().parse_args(args_list)
+    configure_logging(args.log_format)
+    try:
+        loaded = _load_for_run(_config_path(args.config), args.host, args.port)
+    except ConfigError as err:
+        print(f"tokenrelay: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    _install_uvloop()
+    return asyncio.run(
+        serve(loaded, args.log_format, _config_path(args.config), args.host, args.port)
+    )
+
+
+def _load_for_run(path: str, host: str | None, port: int | None) -> Loaded:
+    loaded = load_config(path)
+    cfg = loaded.config
+    listen = Listen(host=host or cfg.listen.host, port=cfg.listen.port if port is None else port)
+    loaded.config = cfg.model_copy(update={"listen": listen})
+    check_exposure(loaded)
+    return loaded
+
+
+def check_exposure(loaded: Loaded) -> None:
+    """Like Redis's protected mode: credentials on an open port need an explicit choice."""
+    cfg = loaded.config
+    with_token = [r.prefix for r in cfg.routes if r.provider is not None]
+    if cfg.listen.is_loopback() or not with_token or cfg.clients or cfg.allow_unauthenticated:
+        return
+    raise ConfigError(
+        loaded.path,
+        "listen.host",
+        f"listening on {cfg.listen.host} would let anyone who reaches it use the vendor "
+        f"credentials of {', '.join(with_token)}; configure 'clients' (inbound keys) or set "
+        "'allow_unauthenticated: true' if something else (a mesh policy) protects the port",
+    )
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _check(path: str) -> int:
+    try:
+        loaded = load_config(path)
+    except ConfigError as err:
+        print(f"tokenrelay: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    _describe(loaded, sys.stdout.write)
+    print("config OK")
+    return 0
+
+
+def _describe(loaded: Loaded, write: object) -> None:
+    cfg = loaded.config
+    for r in cfg.routes:
+        waits = loaded.route_waits_for(r)
+        state = f"waits for {', '.join(waits)}" if waits else "active"
+        provider = f" provider={r.provider}" if r.provider else ""
+        print(f"route {r.prefix} -> {r.upstream}{provider} [{state}]")
+
+
+def _token(path: str, provider: str) -> int:
+    try:
+        loaded = load_config(path)
+    except ConfigError as err:
+        print(f"tokenrelay: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if provider in loaded.inactive_providers:
+        missing = ", ".join(loaded.inactive_providers[provider])
+        print(f"tokenrelay: provider {provider} waits for {missing}", file=sys.stderr)
+        return EXIT_CONFIG
+    if provider not in loaded.config.providers:
+        print(f"tokenrelay: no provider {provider!r} in {path}", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_probe_token(loaded.config, provider))
+
+
+async def _probe_token(config: Config, provider: str) -> int:
+    async with make_session(config) as session:
+        registry = TokenRegistry(config.providers, session, clock=system_clock)
+        try:
+            token = await registry.sources[provider].token()
+        except TokenError as err:
+            code = f" ({err.code})" if err.code else ""
+            print(f"tokenrelay: {provider}: {err.detail}{code}", file=sys.stderr)
+            return 1
+    left = token.expires_at - system_clock()
+    print(f"provider:   {provider}")
+    print(f"token_type: {token.token_type}")
+    print(f"scope:      {token.scope or '-'}")
+    print(f"expires_in: {left:.0f} s")
+    print(f"token:      {token.value[:4]}… (redacted, {len(token.value)} chars)")
+    return 0
+
+
+async def serve(
+    loaded: Loaded,
+    log_format: str,
+    config_path: str,
+    host: str | None,
+    port: int | None,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. In-flight requests get the grace period."""
+    cfg = loaded.config
+    observer = Observer(log_format)
+    app = create_app(loaded, observer, admin_on_main=cfg.admin is None)
+
+    async def reloader() -> Loaded:
+        return await asyncio.to_thread(_load_for_run, config_path, host, port)
+
+    app[RUNTIME].reloader = reloader
+    runner, port = await start_runner(app, cfg, cfg.listen)
+    runners = [runner]
+    admin_port = None
+    if cfg.admin is not None:
+        admin_runner, admin_port = await start_runner(create_admin_app(app), cfg, cfg.admin)
+        runners.append(admin_runner)
+    _announce(loaded, cfg, port, admin_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup(app)))
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down", grace_seconds=cfg.shutdown_grace)
+    app[RUNTIME].draining = True
+    for runner in reversed(runners):
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _announce(loaded: Loaded, cfg: Config, port: int, admin_port: int | None) -> None:
+    active = [r.prefix for r in cfg.routes if not loaded.route_waits_for(r)]
+    waiting = {r.prefix: loaded.route_waits_for(r) for r in cfg.routes if loaded.route_waits_for(r)}
+    log.info(
+        "listening",
+        address=f"http://{cfg.listen.host}:{port}",
+        admin=f"http://{cfg.admin.host}:{admin_port}" if cfg.admin else "same listener",
+        active_routes=active,
+        waiting_routes=waiting,
+        config=loaded.path,
+    )
+
+
+async def _sighup(app: web.Application) -> None:
+    rt = app[RUNTIME]
+    try:
+        gen = await rt.reload()
+    except ConfigError as err:
+        rt.observer.reload_done(ok=False)
+        log.error(
+            "reload failed, config unchanged", file=err.file, key=err.path, problem=err.problem
+        )
+        return
+    rt.observer.reload_done(ok=True)
+    log.info("reloaded", routes=[r.prefix for r in gen.config.routes], config=gen.loaded.path)

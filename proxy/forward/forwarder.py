@@ -1,0 +1,379 @@
+"""rewrite → transport → replay → stream, with one place that translates failures.
+
+The forwarder knows routes and token sources, never vendors. A request is sent
+once; when the upstream answers 401 to a token, the token is invalidated and the
+same bytes are sent once more with a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.config import Route
+from proxy.forward.exchange import Exchange
+from proxy.forward.headers import AUTHORIZATION, request_headers, response_headers
+from proxy.forward.routing import upstream_url
+from proxy.forward.spool import Spool
+from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
+from proxy.tokens.source import Token, TokenSource
+
+READ_CHUNK = 256 * 1024
+SMALL_BODY = 64 * 1024  # read whole, send in one write: cheaper and trivially replayable
+MAX_401_BODY = 64 * 1024  # a 401 body larger than this is passed on, not replayed
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRuntime:
+    """A route as the hot path needs it: everything computed once at load."""
+
+    config: Route
+    prefix: str
+    origin: URL
+    base_path: str
+    source: TokenSource | None
+    provider: str
+    waits_for: tuple[str, ...]
+    timeout: aiohttp.ClientTimeout
+    ssl: ssl.SSLContext | bool
+    server_hostname: str | None
+    drop_headers: frozenset[str]
+
+    @property
+    def replay(self) -> bool:
+        return self.source is not None and self.config.replay.enabled
+
+
+class UpstreamFailed(Exception):
+    """The upstream failed after the response head went out: the client connection is cut."""
+
+
+class BodyReader:
+    """Reads the client's body exactly once, teeing it into a spool for a replay."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        spool: Spool | None,
+        limit: int | None,
+        idle_timeout: float,
+    ) -> None:
+        self._content = request.content
+        self._ex = ex
+        self.spool = spool
+        self._limit = limit
+        self._idle = idle_timeout
+        self._lock = asyncio.Lock()
+        self.complete = False
+        self.error: ProxyError | None = None
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while True:
+            chunk = await self._next()
+            if not chunk:
+                return
+            yield chunk
+
+    async def _next(self) -> bytes:
+        async with self._lock:
+            if self.complete:
+                return b""
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.error = ClientTimeout("client stopped sending its request body")
+                raise self.error from None
+            if not chunk:
+                self.complete = True
+                return b""
+            self._ex.bytes_in += len(chunk)
+            if self._limit is not None and self._ex.bytes_in > self._limit:
+                self.error = PayloadTooLarge(f"request body exceeds {self._limit} bytes")
+                raise self.error
+            if self.spool is not None:
+                self.spool.write(chunk)
+            return chunk
+
+    async def finish(self) -> None:
+        """Read what the upstream did not, so a replay can send all of it."""
+        while await self._next():
+            if self.spool is not None and not self.spool.replayable:
+                return
+
+
+class Forwarder:
+    def __init__(
+        self, session: aiohttp.ClientSession, spool_dir: Path, max_body: int | None
+    ) -> None:
+        self._session = session
+        self._spool_dir = spool_dir
+        self._max_body = max_body
+
+    async def forward(
+        self,
+        request: web.Request,
+        route: RouteRuntime,
+        remainder: str,
+        query: str | None,
+        ex: Exchange,
+    ) -> web.StreamResponse:
+        url = upstream_url(route.origin, route.base_path, remainder, query)
+        headers = request_headers(
+            request.headers,
+            peer=ex.client,
+            scheme=request.scheme,
+            trusted_hop=False,
+            drop=route.drop_headers,
+        )
+        headers["X-Request-Id"] = ex.request_id
+        limit = self._body_limit(route)
+        length = request.content_length
+        if limit is not None and length is not None and length > limit:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds {limit} bytes")
+        if not request.body_exists:
+            return await self._exchange(request, route, url, headers, ex, None, None)
+        if length is not None and length <= SMALL_BODY:
+            body = await request.content.readexactly(length)
+            ex.bytes_in = length
+            return await self._exchange(request, route, url, headers, ex, body, None)
+        spool = self._spool_for(route, length)
+        try:
+            reader = BodyReader(request, ex, spool, limit, route.config.timeout.read)
+            try:
+                return await self._exchange(request, route, url, headers, ex, None, reader)
+            except UpstreamError:
+                if reader.error is not None:
+                    raise reader.error from None
+                raise
+        finally:
+            if spool is not None:
+                spool.close()
+
+    def _body_limit(self, route: RouteRuntime) -> int | None:
+        limit = route.config.max_body
+        return int(limit) if limit is not None else self._max_body
+
+    def _spool_for(self, route: RouteRuntime, length: int | None) -> Spool | None:
+        if not route.replay:
+            return None
+        cfg = route.config.replay
+        if length is not None and length > cfg.max_body:
+            return None
+        return Spool(int(cfg.memory), int(cfg.max_body), self._spool_dir)
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        route: RouteRuntime,
+        url: URL,
+        headers: CIMultiDict[str],
+        ex: Exchange,
+        body: bytes | None,
+        reader: BodyReader | None,
+    ) -> web.StreamResponse:
+        token = await route.source.token() if route.source is not None else None
+        data = body if reader is None else reader.stream()
+        first = await self._send(request.method, url, headers, route, token, data, ex)
+        if first.status != 401 or token is None or route.source is None:
+            return await self._relay(request, first, ex)
+        final = await self._maybe_replay(
+            request, route, url, headers, ex, token, first, body, reader
+        )
+        return await self._relay(request, final, ex)
+
+    async def _maybe_replay(
+        self,
+        request: web.Request,
+        route: RouteRuntime,
+        url: URL,
+        headers: CIMultiDict[str],
+        ex: Exchange,
+        token: Token,
+        first: aiohttp.ClientResponse,
+        body: bytes | None,
+        reader: BodyReader | None,
+    ) -> aiohttp.ClientResponse | _Buffered:
+        assert route.source is not None
+        route.source.invalidate(token)
+        if not route.replay:
+            return first
+        if reader is not None and (reader.spool is None or not reader.spool.replayable):
+            ex.replay_outcome = "body_too_large"
+            return first
+        held = await _Buffered.hold(first, MAX_401_BODY)
+        if held is None:
+            return first
+        if reader is not None:
+            await reader.finish()
+            assert reader.spool is not None
+            if not reader.spool.replayable:
+                ex.replay_outcome = "body_too_large"
+                return held
+        fresh = await route.source.token()
+        data: bytes | AsyncIterator[bytes] | None = body
+        if reader is not None:
+            assert reader.spool is not None
+            data = reader.spool.chunks(READ_CHUNK)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(reader.spool.size)
+        ex.replayed = True
+        second = await self._send(request.method, url, headers, route, fresh, data, ex)
+        ex.replay_outcome = "unauthorized_again" if second.status == 401 else "succeeded"
+        return second
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        route: RouteRuntime,
+        token: Token | None,
+        data: bytes | AsyncIterator[bytes] | None,
+        ex: Exchange,
+    ) -> aiohttp.ClientResponse:
+        if token is not None:
+            headers[AUTHORIZATION] = token.authorization
+        try:
+            resp = await self._session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=route.timeout,
+                ssl=route.ssl,
+                server_hostname=route.server_hostname,
+            )
+        except _CLIENT_ERRORS as exc:
+            raise _translate(exc) from exc
+        ex.upstream_status = resp.status
+        if ex.ttfb is None:
+            ex.ttfb = time.perf_counter() - ex.started
+        return resp
+
+    async def _relay(
+        self, request: web.Request, resp: aiohttp.ClientResponse | _Buffered, ex: Exchange
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(
+            status=resp.status, reason=resp.reason, headers=response_headers(resp.headers)
+        )
+        out.headers["X-Request-Id"] = ex.request_id
+        ex.status = resp.status
+        no_body = (
+            request.method == "HEAD"
+            or resp.status in NO_BODY_STATUSES
+            or (100 <= resp.status < 200)
+        )
+        length = resp.content_length
+        if isinstance(resp, _Buffered):
+            length = len(resp.body)
+        if length is not None and resp.status not in NO_BODY_STATUSES:
+            out.content_length = length
+        try:
+            if no_body:
+                await out.prepare(request)
+                return out
+            if isinstance(resp, _Buffered):
+                out.content_length = len(resp.body)
+                await out.prepare(request)
+                await out.write(resp.body)
+                ex.bytes_out += len(resp.body)
+            else:
+                await self._stream(request, resp, out, ex)
+            await out.write_eof()
+            return out
+        finally:
+            resp.close()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        out: web.StreamResponse,
+        ex: Exchange,
+    ) -> None:
+        await out.prepare(request)
+        read = resp.content.read
+        while True:
+            try:
+                chunk = await read(READ_CHUNK)
+            except _CLIENT_ERRORS as exc:
+                ex.upstream_error = _translate(exc).kind
+                ex.error = "upstream_aborted"
+                raise UpstreamFailed(ex.upstream_error) from exc
+            if not chunk:
+                return
+            await out.write(chunk)
+            ex.bytes_out += len(chunk)
+
+
+class _Buffered:
+    """A small upstream response already read into memory (the first 401 of a replay)."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, body: bytes) -> None:
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers = resp.headers
+        self.content_length: int | None = len(body)
+        self.body = body
+
+    @classmethod
+    async def hold(cls, resp: aiohttp.ClientResponse, cap: int) -> _Buffered | None:
+        """Drain and release the response; None (response left open) when it is too large."""
+        if resp.content_length is not None and resp.content_length > cap:
+            return None
+        try:
+            body = await resp.content.read(cap + 1)
+            while len(body) <= cap:
+                more = await resp.content.read(cap + 1 - len(body))
+                if not more:
+                    break
+                body += more
+        except _CLIENT_ERRORS as exc:
+            resp.close()
+            raise _translate(exc) from exc
+        if len(body) > cap:
+            resp.close()
+            raise UpstreamError("reset", "upstream 401 body too large to hold for a replay")
+        resp.release()
+        return cls(resp, body)
+
+    def close(self) -> None:
+        """Nothing to release: the connection went back when the body was drained."""
+
+
+_CLIENT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+def _translate(exc: BaseException) -> UpstreamError:
+    """Low-level client failures, translated once into the proxy's error tree."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return UpstreamError("tls", f"TLS failure talking to the upstream: {_reason(exc)}")
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
+        return UpstreamError("timeout", "upstream did not answer in time", status=504)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError("connect", f"cannot connect to the upstream: {_reason(exc)}")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return UpstreamError("protocol", "upstream sent a malformed response")
+    return UpstreamError("reset", "upstream connection failed")
+
+
+def _reason(exc: BaseException) -> str:
+    inner = getattr(exc, "os_error", None) or getattr(exc, "certificate_error", None) or exc
+    return (
+        getattr(inner, "strerror", None) or getattr(inner, "reason", None) or type(inner).__name__
+    )
