@@ -1,0 +1,312 @@
+"""Replayable bodies: what is kept, where, with which permissions, and that it always goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.forward.spool import Spool, spool_root
+from proxy.problems import ConfigError
+
+KIB = 1024
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return spool_root(tmp_path / "spool")
+
+
+def files_in(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def replay(spool: Spool, chunk_size: int = 256 * KIB) -> bytes:
+    return b"".join([c async for c in spool.chunks(chunk_size)])
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_small_body_stays_in_memory(root: Path) -> None:
+    parts = [b"alpha", b"", b"beta" * 100, b"gamma"]
+    with Spool(memory_limit=1 * KIB, max_body=4 * KIB, directory=root) as spool:
+        for p in parts:
+            spool.write(p)
+        assert spool.size == sum(map(len, parts))
+        assert spool.replayable and not spool.on_disk and spool.path is None
+        assert files_in(root) == []
+        assert await replay(spool) == b"".join(parts)
+        assert await replay(spool) == b"".join(parts), "a replay can be repeated"
+
+
+async def test_body_at_memory_limit_stays_in_memory(root: Path) -> None:
+    with Spool(memory_limit=100, max_body=1000, directory=root) as spool:
+        spool.write(b"x" * 60)
+        spool.write(b"y" * 40)
+        assert not spool.on_disk
+        spool.write(b"z")
+        assert spool.on_disk
+        assert await replay(spool) == b"x" * 60 + b"y" * 40 + b"z"
+
+
+async def test_large_body_spills_to_private_file(root: Path) -> None:
+    body = os.urandom(3000)
+    spool = Spool(memory_limit=1 * KIB, max_body=10 * KIB, directory=root)
+    for i in range(0, len(body), 700):
+        spool.write(body[i : i + 700])
+    path = spool.path
+    assert path is not None and spool.on_disk
+    assert path.parent == root and files_in(root) == [path]
+    assert mode(path) == 0o600
+    assert mode(root) == 0o700
+    assert path.read_bytes() == body
+    assert await replay(spool, chunk_size=1000) == body
+    spool.close()
+    assert not path.exists()
+    assert files_in(root) == []
+
+
+async def test_file_replay_uses_requested_chunk_size(root: Path) -> None:
+    body = os.urandom(10 * KIB + 5)
+    with Spool(memory_limit=0, max_body=len(body), directory=root) as spool:
+        spool.write(body)
+        sizes = [len(c) async for c in spool.chunks(chunk_size=KIB)]
+    assert sizes == [KIB] * 10 + [5]
+
+
+async def test_ten_megabytes_come_back_identical(root: Path) -> None:
+    body = os.urandom(10 * KIB * KIB)
+    with Spool(memory_limit=KIB * KIB, max_body=16 * KIB * KIB, directory=root) as spool:
+        for i in range(0, len(body), 64 * KIB + 3):
+            spool.write(body[i : i + 64 * KIB + 3])
+        assert spool.size == len(body) and spool.on_disk
+        digest = hashlib.sha256()
+        async for chunk in spool.chunks():
+            assert 0 < len(chunk) <= 256 * KIB
+            digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(body).hexdigest()
+    assert files_in(root) == []
+
+
+async def test_body_above_max_body_is_not_kept(root: Path) -> None:
+    with Spool(memory_limit=1 * KIB, max_body=5 * KIB, directory=root) as spool:
+        spool.write(b"a" * 3 * KIB)
+        assert spool.on_disk
+        spool.write(b"b" * 2 * KIB)
+        assert spool.replayable, "exactly max_body is still replayable"
+        spool.write(b"c")
+        assert spool.overflowed and not spool.replayable
+        assert not spool.on_disk and files_in(root) == []
+        spool.write(b"d" * 10 * KIB)
+        assert spool.size == 5 * KIB + 1 + 10 * KIB, "size keeps counting what streamed"
+        assert files_in(root) == []
+        with pytest.raises(RuntimeError, match="cannot be replayed"):
+            await replay(spool)
+
+
+async def test_overflow_while_still_in_memory(root: Path) -> None:
+    with Spool(memory_limit=1 * KIB, max_body=100, directory=root) as spool:
+        spool.write(b"a" * 60)
+        spool.write(b"b" * 60)
+        assert spool.overflowed and not spool.on_disk and files_in(root) == []
+
+
+def test_close_is_idempotent_and_ends_replayability(root: Path) -> None:
+    spool = Spool(memory_limit=10, max_body=1000, directory=root)
+    spool.write(b"x" * 100)
+    path = spool.path
+    assert path is not None and path.exists()
+    spool.close()
+    spool.close()
+    assert not path.exists() and not spool.replayable and spool.closed
+    with spool:
+        pass
+    spool.write(b"more")
+    assert files_in(root) == [], "writes after close keep nothing"
+
+
+def test_file_removed_when_block_raises(root: Path) -> None:
+    with pytest.raises(ValueError), Spool(memory_limit=0, max_body=1000, directory=root) as s:
+        s.write(b"body")
+        assert files_in(root) != []
+        raise ValueError("upstream failed")
+    assert files_in(root) == []
+
+
+async def test_file_removed_when_async_block_raises(root: Path) -> None:
+    with pytest.raises(ConnectionResetError):
+        async with Spool(memory_limit=0, max_body=1000, directory=root) as spool:
+            spool.write(b"body")
+            raise ConnectionResetError("client gone")
+    assert files_in(root) == []
+
+
+async def test_file_removed_when_request_task_is_cancelled(root: Path) -> None:
+    spilled = asyncio.Event()
+
+    async def handler() -> None:
+        async with Spool(memory_limit=0, max_body=1000, directory=root) as spool:
+            spool.write(b"body")
+            spilled.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(handler())
+    await spilled.wait()
+    assert files_in(root) != []
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert files_in(root) == []
+
+
+async def test_cancelled_replay_leaks_no_descriptor(root: Path) -> None:
+    body = os.urandom(64 * KIB)
+    before = open_fds()
+    first_chunk = asyncio.Event()
+
+    async def consume(spool: Spool) -> None:
+        async for _ in spool.chunks(chunk_size=KIB):
+            first_chunk.set()
+            await asyncio.Event().wait()
+
+    async with Spool(memory_limit=0, max_body=len(body), directory=root) as spool:
+        spool.write(body)
+        task = asyncio.create_task(consume(spool))
+        await first_chunk.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert files_in(root) == []
+    assert open_fds() == before
+
+
+async def test_replay_after_close_fails_cleanly(root: Path) -> None:
+    body = os.urandom(8 * KIB)
+    before = open_fds()
+    spool = Spool(memory_limit=0, max_body=len(body), directory=root)
+    spool.write(body)
+    chunks = spool.chunks(chunk_size=KIB)
+    assert await anext(chunks) == body[:KIB]
+    spool.close()
+    assert files_in(root) == []
+    with pytest.raises(RuntimeError, match="closed during replay"):
+        await anext(chunks)
+    assert open_fds() == before
+
+
+def test_forgotten_spool_removes_its_file(root: Path) -> None:
+    spool = Spool(memory_limit=0, max_body=100, directory=root)
+    spool.write(b"x")
+    assert files_in(root) != []
+    del spool
+    gc.collect()
+    assert files_in(root) == []
+
+
+def test_disk_failure_makes_body_unreplayable_not_the_request(tmp_path: Path) -> None:
+    spool = Spool(memory_limit=4, max_body=100, directory=tmp_path / "missing")
+    spool.write(b"abc")
+    spool.write(b"defgh")
+    assert isinstance(spool.failed, FileNotFoundError)
+    assert not spool.replayable and spool.size == 8
+
+
+def test_repr_shows_no_content(root: Path) -> None:
+    with Spool(memory_limit=100, max_body=1000, directory=root) as spool:
+        spool.write(b"password=hunter2")
+        assert "hunter2" not in repr(spool)
+
+
+def test_spool_root_is_private_and_reused(tmp_path: Path) -> None:
+    base = tmp_path / "configured"
+    root = spool_root(base)
+    assert root.parent == base.resolve() and mode(root) == 0o700
+    assert str(os.getpid()) in root.name
+    assert spool_root(base) == root
+    root.rmdir()
+    again = spool_root(base)
+    assert again.is_dir() and mode(again) == 0o700, "recreated when removed behind our back"
+
+
+def test_default_spool_root_under_system_tempdir() -> None:
+    root = spool_root(None)
+    assert root.parent == Path(tempfile.gettempdir())
+    assert mode(root) == 0o700
+
+
+def test_default_spool_root_used_when_no_directory() -> None:
+    with Spool(memory_limit=0, max_body=10) as spool:
+        spool.write(b"x")
+        assert spool.path is not None
+        assert spool.path.parent == spool_root(None)
+
+
+@pytest.mark.parametrize("bad_mode", [0o777, 0o770, 0o722, 0o1777])
+def test_shared_spool_dir_refused(tmp_path: Path, bad_mode: int) -> None:
+    base = tmp_path / "shared"
+    base.mkdir()
+    base.chmod(bad_mode)
+    with pytest.raises(ConfigError, match="group or world writable"):
+        spool_root(base)
+
+
+def test_spool_dir_owned_by_someone_else_refused(tmp_path: Path) -> None:
+    base = tmp_path / "theirs"
+    base.mkdir(mode=0o700)
+    if os.geteuid() != 0:
+        pytest.skip("changing a directory's owner needs root")
+    os.chown(base, 4242, 4242)
+    with pytest.raises(ConfigError, match="owned by"):
+        spool_root(base)
+
+
+def test_spool_dir_that_is_a_file_refused(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(ConfigError, match=str(target)):
+        spool_root(target)
+
+
+def test_missing_spool_dir_created_private(tmp_path: Path) -> None:
+    base = tmp_path / "a" / "b"
+    root = spool_root(base)
+    assert mode(base) == 0o700 and root.parent == base
+
+
+THRESHOLD_SIZES = st.one_of(
+    st.integers(0, 3), st.integers(60, 68), st.integers(124, 132), st.integers(250, 260)
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(THRESHOLD_SIZES, max_size=8))
+def test_any_chunking_reproduces_body(sizes: list[int]) -> None:
+    directory = spool_root(None)
+    chunks = [bytes((i * 31 + j) % 251 for j in range(n)) for i, n in enumerate(sizes)]
+    body = b"".join(chunks)
+    spool = Spool(memory_limit=64, max_body=256, directory=directory)
+    with spool:
+        for c in chunks:
+            spool.write(c)
+        assert spool.size == len(body)
+        if len(body) > 256:
+            assert not spool.replayable and not spool.on_disk
+        else:
+            assert spool.replayable and spool.on_disk == (len(body) > 64)
+            assert asyncio.run(replay(spool, chunk_size=50)) == body
+        path = spool.path
+    assert path is None or not path.exists()
