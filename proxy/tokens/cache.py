@@ -267,6 +267,7 @@ class CachedTokenSource:
     def _failed(self, reason: str, exc: TokenError, *, cooldown: bool = False) -> TokenError:
         now = self._clock()
         self._last_failure = exc
+        self._emit("token_fetch_failed", reason=reason, code=exc.code, status=exc.status)
         if reason == "ahead":
             self._bg_failures += 1
             backoff = max(self._retry.max_backoff, 1.0) * 2 ** (self._bg_failures - 1)
