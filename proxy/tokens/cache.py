@@ -171,7 +171,7 @@ class CachedTokenSource:
         code = failure.code if failure is not None else None
         raise TokenError(
             self.name,
-            f"the token endpoint refused our credentials ({code or 'error'});"
+            f"provider {self.name}: the token endpoint refused our credentials ({code or 'error'});"
             f" not asking again for {math.ceil(left)} s",
             code=code,
             status=503,
@@ -258,7 +258,7 @@ class CachedTokenSource:
         answered = exc.idp_status is not None
         return TokenError(
             self.name,
-            f"gave up after retrying: {exc.detail}",
+            f"{exc.detail} (gave up after retrying)",
             code=f"http_{exc.idp_status}" if answered else None,
             status=502 if answered else 503,
             retry_after=exc.retry_after,

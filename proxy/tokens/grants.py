@@ -51,8 +51,15 @@ class TransientTokenError(TokenError):
         retry_after: float | None = None,
         idp_status: int | None = None,
     ) -> None:
-        super().__init__(provider, detail, status=503, retry_after=retry_after)
+        super().__init__(
+            provider, f"provider {provider}: {detail}", status=503, retry_after=retry_after
+        )
         self.idp_status = idp_status
+
+
+def token_error(provider: str, detail: str, **kwargs: Any) -> TokenError:
+    """A final ``TokenError`` whose text names the provider."""
+    return TokenError(provider, f"provider {provider}: {detail}", **kwargs)
 
 
 class Grant(Protocol):
@@ -307,7 +314,7 @@ def parse_token(
     """A successful answer → Token; a body we cannot use → TokenError saying why."""
     doc = _json_object(answer)
     if doc is None:
-        raise TokenError(
+        raise token_error(
             provider.name,
             f"token endpoint answered {answer.status} with a body that is not a JSON object"
             f" (content type {answer.content_type or 'none'})",
@@ -315,11 +322,11 @@ def parse_token(
     fields = provider.response
     value = doc.get(fields.access_token)
     if not isinstance(value, str) or not value:
-        raise TokenError(provider.name, f"token endpoint answer has no {fields.access_token}")
+        raise token_error(provider.name, f"token endpoint answer has no {fields.access_token}")
     token_type = doc.get(fields.token_type)
     if token_type is not None and str(token_type).lower() != "bearer":
         kind = scrub(str(token_type))
-        raise TokenError(provider.name, f"token type {kind!r} is not supported (only Bearer)")
+        raise token_error(provider.name, f"token type {kind!r} is not supported (only Bearer)")
     lifetime = _lifetime(provider, doc.get(fields.expires_in), value, answer, now)
     refresh = doc.get(fields.refresh_token)
     return Token(
@@ -347,15 +354,15 @@ def _lifetime(provider: Provider, raw: object, value: str, answer: _Answer, now:
             return provider.default_lifetime
         return exp + _skew(answer, now) - now
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise TokenError(provider.name, "token endpoint answer has a non-numeric expires_in")
+        raise token_error(provider.name, "token endpoint answer has a non-numeric expires_in")
     try:
         seconds = float(raw)
     except ValueError:
-        raise TokenError(
+        raise token_error(
             provider.name, "token endpoint answer has a non-numeric expires_in"
         ) from None
     if not math.isfinite(seconds) or seconds <= 0:
-        raise TokenError(provider.name, "token endpoint answer has a non-positive expires_in")
+        raise token_error(provider.name, "token endpoint answer has a non-positive expires_in")
     return seconds
 
 
@@ -413,14 +420,14 @@ def classify_failure(
             idp_status=status,
         )
     if 300 <= status < 400:
-        return TokenError(provider, f"{step} request: token endpoint redirected ({status})")
+        return token_error(provider, f"{step} request: token endpoint redirected ({status})")
     code = _error_code(answer)
     doc = _json_object(answer) or {}
     said = doc.get("error_description") or doc.get("detail") or doc.get("title")
     why = f": {scrub(said)}" if isinstance(said, str) and said else ""
     credential = status == 401 or (status in (400, 403) and code is not None)
     label = f" {code}" if code else ""
-    return TokenError(
+    return token_error(
         provider,
         f"{step} request refused: HTTP {status}{label}{why}",
         code=code,

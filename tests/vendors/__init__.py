@@ -43,7 +43,7 @@ Helpers (tests/vendors/fixtures.py): ``FakeClock`` (``advance()``), ``RecordedSl
 """
 
 from tests.vendors.base import Issued, Recorded, Vendor, serve
-from tests.vendors.emulators import Simacan, SimpleDocs, Simplifi, Sipsim
+from tests.vendors.emulators import PasswordIdP, Simacan, SimpleDocs, Simplifi, Sipsim
 from tests.vendors.fixtures import Events, FakeClock, RecordedSleep, leaks
 
 __all__ = [
