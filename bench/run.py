@@ -1,0 +1,1059 @@
+"""``make bench``: direct, tokenrelay and nginx side by side, in one bounded run.
+
+Why one run: the machine is shared and noisy, so only figures taken minutes apart on the same
+machine are comparable; every figure is also given as a ratio to direct and to nginx.
+
+What runs, all on 127.0.0.1 on free ports, all started and stopped here (also on Ctrl-C):
+
+* upstream: nginx (1 worker) serving a 100-byte file and a sparse 1 GiB file;
+* backends (bench/backends.py): a token endpoint that counts calls, and an upload sink that
+  reads every byte before answering (nginx's ``return 204`` answers before the body is read);
+* tokenrelay (``python -m proxy``) with every feature on: token injection, access log;
+* nginx (1 worker) as the equivalent proxy: keep-alive upstream pool, HTTP/1.1, a static
+  ``Authorization: Bearer`` header, access log on, streaming both ways.
+
+wrk drives small responses at 1 and 64 connections, curl streams 1 GiB down and up. CPU time
+comes from /proc/PID/stat of the proxy's process tree, RSS from /proc/PID/status.
+
+``--quick`` is a smoke run for development (2 s per wrk run, 64 MiB bodies); it writes to
+bench/results/raw/ so it never overwrites bench/RESULTS.md. ``--profile PATH`` adds one more
+64-connection run on tokenrelay under py-spy (not counted in the figures) and summarises it.
+"""
+
+# The bench exists to run fixed local tools (nginx, wrk, curl, apt-get, py-spy):
+# ruff: noqa: S603, S607
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RAW_DIR = BENCH / "results" / "raw"
+MIB = 1 << 20
+GIB = 1 << 30
+SMALL_BODY = (b"tokenrelay bench small response; " * 4)[:99] + b"\n"
+STATIC_TOKEN = "bench-static-token"
+PROVIDER = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONNS = (1, 64)
+
+TARGET_CPU_US = 60.0
+TARGET_ADDED_P50_MS = 0.10
+TARGET_GBPS = 1.0
+TARGET_CPU_S_PER_GIB = 0.8
+TARGET_RSS_MB = 60.0
+
+DIRECT, TOKENRELAY, NGINX = "direct", "tokenrelay", "nginx"
+NAMES = (DIRECT, TOKENRELAY, NGINX)
+
+WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH {\\"requests\\":%d,\\"duration_us\\":%d,\\"p50_us\\":%.1f,\\"p99_us\\":%.1f,"
+    .. "\\"socket_errors\\":%d,\\"status_errors\\":%d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    duration: float
+    warmup: float
+    body: int
+
+
+FULL = Mode("full", duration=10.0, warmup=3.0, body=GIB)
+QUICK = Mode("quick", duration=2.0, warmup=1.0, body=64 * MIB)
+
+
+class BenchError(Exception):
+    """A step that failed; the run goes on with what can still be measured."""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# tools
+
+
+def child_env() -> dict[str, str]:
+    """No proxy variables: every request here must go straight to 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def apt_candidate(package: str) -> bool:
+    out = subprocess.run(
+        ["apt-cache", "policy", package], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    match = re.search(r"Candidate:\s*(\S+)", out)
+    return match is not None and match.group(1) != "(none)"
+
+
+def ensure_tools(notes: list[str]) -> None:
+    """Install nginx, wrk and curl from Debian's packages when missing and we may."""
+    wanted = {"nginx": "nginx-light", "wrk": "wrk", "curl": "curl"}
+    missing = [tool for tool in wanted if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        notes.append(f"not installed and cannot install (need root and apt-get): {missing}")
+        return
+    log(f"installing {missing} with apt-get")
+    env = child_env() | {"DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=240, check=True)
+        packages = [wanted[tool] for tool in missing]
+        if "nginx-light" in packages and not apt_candidate("nginx-light"):
+            packages[packages.index("nginx-light")] = "nginx"
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *packages], env=env, timeout=400, check=True
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        notes.append(f"apt-get could not install {missing}: {exc}")
+    still = [tool for tool in missing if shutil.which(tool) is None]
+    if still:
+        notes.append(f"missing after install attempt, measured without them: {still}")
+
+
+def version_of(argv: Sequence[str], pattern: str) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "not installed"
+    match = re.search(pattern, proc.stdout + proc.stderr)
+    return match.group(1) if match else "unknown"
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = version_of(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], r"(\w+)")
+    return {
+        "CPU": cpu,
+        "cores": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)",
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "aiohttp": importlib.metadata.version("aiohttp"),
+        "nginx": version_of(["nginx", "-v"], r"nginx/(\S+)"),
+        "wrk": version_of(["wrk", "-v"], r"wrk (?:debian/)?(\S+)"),
+        "curl": version_of(["curl", "--version"], r"curl (\S+)"),
+        "tokenrelay commit": commit,
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+# ---------------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every child the bench starts; all are stopped on the way out, whatever happened."""
+
+    def __init__(self, logdir: Path) -> None:
+        self._logdir = logdir
+        self._procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Output goes to a file per child: it is read back when a child fails to start."""
+        out = (self._logdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=ROOT, env=child_env(), start_new_session=True,
+        )  # fmt: skip
+        self._procs.append((name, proc, out))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self._logdir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for _name, proc, _out in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _name, proc, out in reversed(self._procs):
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            out.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(procs: Procs, name: str, proc: subprocess.Popen[bytes], url: str) -> None:
+    """Poll until ``url`` answers 200, for at most 15 s; a child that died says why."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
+        with contextlib.suppress(OSError):
+            if http_get(url, timeout=1)[0] == 200:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{name} not ready after 15 s:\n{procs.log_tail(name)}")
+
+
+# ---------------------------------------------------------------------------
+# /proc
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """The root and all its descendants: nginx's workers, any worker tokenrelay forks."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(
+                    int(entry.name)
+                )
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            fields = _stat_fields(pid)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def status_kb(pids: Sequence[int], key: str) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+    return total
+
+
+class RssSampler:
+    """Peak of the summed VmRSS of a process tree, sampled every 10 ms in a thread."""
+
+    def __init__(self, root: int | None) -> None:
+        self._pids = process_tree(root) if root is not None else []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak_kb = 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak_kb = max(self.peak_kb, status_kb(self._pids, "VmRSS"))
+
+    def __enter__(self) -> RssSampler:
+        if self._pids:
+            self.peak_kb = status_kb(self._pids, "VmRSS")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+
+# ---------------------------------------------------------------------------
+# the pieces under test
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    base: str
+    static_prefix: str
+    sink_base: str
+    pid: int | None
+
+    @property
+    def small(self) -> str:
+        return f"{self.base}{self.static_prefix}small"
+
+    @property
+    def big(self) -> str:
+        return f"{self.base}{self.static_prefix}big"
+
+    @property
+    def sink(self) -> str:
+        return f"{self.sink_base}/sink/upload"
+
+    def tree(self) -> list[int]:
+        return process_tree(self.pid) if self.pid is not None else []
+
+
+def nginx_common(work: Path, name: str) -> str:
+    """Settings both nginx instances share: own prefix, pid, temp paths; no system files."""
+    user = "user root root;" if os.geteuid() == 0 else ""
+    tmp = work / f"{name}-tmp"
+    tmp.mkdir()
+    temps = (
+        "\n".join(
+            f"  {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi")
+        )
+        + f"\n  uwsgi_temp_path {tmp}/uwsgi;\n  scgi_temp_path {tmp}/scgi;"
+    )
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {work}/{name}.pid;
+error_log {work}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+{temps}
+  default_type application/octet-stream;
+  sendfile on;
+  tcp_nopush on;
+  tcp_nodelay on;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+"""
+
+
+def upstream_conf(work: Path, port: int, docroot: Path) -> str:
+    return (
+        nginx_common(work, "upstream")
+        + f"""  access_log off;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    root {docroot};
+  }}
+}}
+"""
+    )
+
+
+def nginx_proxy_conf(work: Path, port: int, upstream: str, backends: str) -> str:
+    """The equivalent proxy: pooled keep-alive upstreams, static token, streaming both ways."""
+    return (
+        nginx_common(work, "nginx")
+        + f"""  access_log {work}/nginx-access.log;
+  upstream static_pool {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
+  upstream sink_pool {{ server {backends}; keepalive 64; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    client_max_body_size 0;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $proxy_host;
+    proxy_set_header Authorization "Bearer {STATIC_TOKEN}";
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_request_buffering off;
+    proxy_buffering on;
+    proxy_max_temp_file_size 0;
+    proxy_buffer_size 64k;
+    proxy_buffers 8 64k;
+    proxy_busy_buffers_size 128k;
+    location /up/ {{ proxy_pass http://static_pool/; }}
+    location /sink/ {{ proxy_pass http://sink_pool/sink/; }}
+  }}
+}}
+"""
+    )
+
+
+def tokenrelay_conf(port: int, upstream: str, backends: str) -> str:
+    """The contract's config shape: one client-credentials provider, two routes."""
+    return f"""listen: {{host: 127.0.0.1, port: {port}}}
+shutdown_grace: 2
+providers:
+  {PROVIDER}:
+    grant: client_credentials
+    token_url: "http://{backends}/oauth/token"
+    client_id: {PROVIDER}
+    client_secret: bench-secret
+    client_auth: body
+routes:
+  - prefix: /up/
+    upstream: "http://{upstream}/"
+    provider: {PROVIDER}
+    allow_plain_http: true
+  - prefix: /sink/
+    upstream: "http://{backends}/sink/"
+    provider: {PROVIDER}
+    allow_plain_http: true
+"""
+
+
+class Stack:
+    """Starts the backends, the upstream and the two proxies; knows where everything is."""
+
+    def __init__(self, procs: Procs, work: Path, mode: Mode, notes: list[str]) -> None:
+        self.procs, self.work, self.mode, self.notes = procs, work, mode, notes
+        self.docroot = work / "www"
+        self.backends = f"127.0.0.1:{free_port()}"
+        self.upstream = self.backends
+        self.targets: dict[str, Target] = {}
+
+    def make_files(self) -> None:
+        self.docroot.mkdir()
+        self.docroot.chmod(0o755)
+        (self.docroot / "small").write_bytes(SMALL_BODY)
+        with (self.docroot / "big").open("wb") as f:
+            f.truncate(self.mode.body)
+
+    def start_all(self) -> None:
+        self.make_files()
+        self.start_backends()
+        self.start_upstream()
+        self.targets[DIRECT] = Target(
+            DIRECT, f"http://{self.upstream}", "/", f"http://{self.backends}", None
+        )
+        for name, start in ((TOKENRELAY, self.start_tokenrelay), (NGINX, self.start_nginx)):
+            try:
+                self.targets[name] = start()
+            except BenchError as exc:
+                self.notes.append(f"{name} not measured: {exc}")
+                log(f"{name} not measured: {exc}")
+
+    def start_backends(self) -> None:
+        port = self.backends.rsplit(":", 1)[1]
+        argv = [sys.executable, str(BENCH / "backends.py"), "--port", port]
+        if shutil.which("nginx") is None:
+            argv += ["--docroot", str(self.docroot)]
+            self.notes.append("nginx missing: the aiohttp backends serve the static files")
+        proc = self.procs.start("backends", argv)
+        wait_ready(self.procs, "backends", proc, f"http://{self.backends}/calls")
+
+    def start_upstream(self) -> None:
+        if shutil.which("nginx") is None:
+            return
+        self.upstream = f"127.0.0.1:{free_port()}"
+        port = int(self.upstream.rsplit(":", 1)[1])
+        self.run_nginx("upstream", upstream_conf(self.work, port, self.docroot), self.upstream)
+
+    def run_nginx(self, name: str, conf: str, addr: str) -> subprocess.Popen[bytes]:
+        path = self.work / f"{name}.conf"
+        path.write_text(conf)
+        argv = ["nginx", "-p", str(self.work), "-c", str(path), "-e", f"{self.work}/{name}-e.log"]
+        proc = self.procs.start(name, argv)
+        wait_ready(self.procs, name, proc, f"http://{addr}/{'up/' if name == NGINX else ''}small")
+        return proc
+
+    def start_tokenrelay(self) -> Target:
+        if not (ROOT / "proxy" / "cli.py").exists() or not (ROOT / "proxy" / "app.py").exists():
+            raise BenchError("proxy/cli.py or proxy/app.py does not exist yet")
+        port = free_port()
+        conf = self.work / "tokenrelay.yaml"
+        conf.write_text(tokenrelay_conf(port, self.upstream, self.backends))
+        argv = [sys.executable, "-m", "proxy", "--config", str(conf), "--log-format", "json"]
+        proc = self.procs.start(TOKENRELAY, argv)
+        wait_ready(self.procs, TOKENRELAY, proc, f"http://127.0.0.1:{port}/-/health")
+        base = f"http://127.0.0.1:{port}"
+        return Target(TOKENRELAY, base, "/up/", base, proc.pid)
+
+    def start_nginx(self) -> Target:
+        if shutil.which("nginx") is None:
+            raise BenchError("nginx is not installed")
+        port = free_port()
+        addr = f"127.0.0.1:{port}"
+        conf = nginx_proxy_conf(self.work, port, self.upstream, self.backends)
+        proc = self.run_nginx(NGINX, conf, addr)
+        return Target(NGINX, f"http://{addr}", "/up/", f"http://{addr}", proc.pid)
+
+    def check(self, target: Target) -> None:
+        """Refuse to time a path that serves the wrong thing: fast 404s prove nothing."""
+        status, body = http_get(target.small)
+        if status != 200 or body != SMALL_BODY:
+            raise BenchError(f"{target.small} answered {status} with {len(body)} bytes")
+
+
+# ---------------------------------------------------------------------------
+# measurements
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu_us: float | None
+
+
+@dataclass
+class Transfer:
+    gbps: float
+    cpu_s_per_gib: float | None
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Results:
+    mode: Mode
+    machine: dict[str, str]
+    started: dt.datetime
+    loads: dict[tuple[str, int], Load] = field(default_factory=dict)
+    downloads: dict[str, Transfer] = field(default_factory=dict)
+    uploads: dict[str, Transfer] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    hwm_mb: dict[str, float] = field(default_factory=dict)
+    token_calls: dict[str, int] | None = None
+    metrics_calls: float | None = None
+    access_log_lines: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    profile: str = ""
+
+
+def run_wrk(url: str, conns: int, seconds: float, script: Path) -> dict[str, Any]:
+    """One wrk thread: on two cores a second one would only steal from what it measures."""
+    argv = [
+        "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+        "--latency", "-s", str(script), url,
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            result: dict[str, Any] = json.loads(line[len("BENCH ") :])
+            return result
+    raise BenchError(f"wrk gave no result (exit {proc.returncode}): {proc.stderr.strip()[:300]}")
+
+
+def measure_load(target: Target, conns: int, mode: Mode, script: Path) -> Load:
+    run_wrk(target.small, conns, mode.warmup, script)
+    pids = target.tree()
+    cpu0 = cpu_seconds(pids)
+    res = run_wrk(target.small, conns, mode.duration, script)
+    cpu = cpu_seconds(pids) - cpu0
+    requests = int(res["requests"])
+    return Load(
+        rps=requests / (res["duration_us"] / 1e6),
+        p50_ms=res["p50_us"] / 1000,
+        p99_ms=res["p99_us"] / 1000,
+        requests=requests,
+        errors=int(res["socket_errors"]) + int(res["status_errors"]),
+        cpu_us=cpu / requests * 1e6 if pids and requests else None,
+    )
+
+
+def curl(argv: Sequence[str], timeout: float) -> tuple[int, int, float]:
+    """``(status, bytes, seconds)`` of one curl transfer; a failed transfer raises."""
+    fmt = "%{http_code} %{size_download} %{size_upload} %{time_total}"
+    full = ["curl", "--noproxy", "*", "-sS", "--max-time", str(int(timeout)), "-w", fmt, *argv]
+    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout + 10, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"curl exit {proc.returncode}: {proc.stderr.strip()[:300]}")
+    status, down, up, secs = proc.stdout.split()[-4:]
+    return int(status), max(int(down), int(up)), float(secs)
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read the body file once so the first target timed does not pay for a cold cache."""
+    with path.open("rb", buffering=0) as f:
+        while f.read(8 * MIB):
+            pass
+
+
+def transfer_timeout(size: int) -> float:
+    """Slow enough to notice a stall, never so long that the run blows its time budget."""
+    return 20 + size / (50 * MIB)
+
+
+def download(target: Target, size: int) -> Transfer:
+    pids = target.tree()
+    cpu0 = cpu_seconds(pids)
+    status, got, secs = curl(["-o", "/dev/null", target.big], transfer_timeout(size))
+    cpu = cpu_seconds(pids) - cpu0
+    ok = status == 200 and got == size
+    return Transfer(
+        gbps=got / secs / 1e9,
+        cpu_s_per_gib=cpu / (got / GIB) if pids and got else None,
+        ok=ok,
+        detail="" if ok else f"status {status}, {got} of {size} bytes",
+    )
+
+
+def upload(target: Target, source: Path, work: Path) -> Transfer:
+    size = source.stat().st_size
+    answer = work / f"{target.name}-upload.json"
+    pids = target.tree()
+    cpu0 = cpu_seconds(pids)
+    argv = ["-T", str(source), "-H", "Expect:", "-o", str(answer), target.sink]
+    status, sent, secs = curl(argv, transfer_timeout(size))
+    cpu = cpu_seconds(pids) - cpu0
+    body = json.loads(answer.read_text() or "{}") if status == 200 else {}
+    received = int(body.get("received", -1))
+    want_auth = "none" if target.name == DIRECT else "bearer"
+    ok = status == 200 and received == size and body.get("auth") == want_auth
+    return Transfer(
+        gbps=sent / secs / 1e9,
+        cpu_s_per_gib=cpu / (sent / GIB) if pids and sent else None,
+        ok=ok,
+        detail="" if ok else f"status {status}, sink got {received} of {size}, {body}",
+    )
+
+
+def token_counts(stack: Stack, results: Results) -> None:
+    """Token calls from the endpoint's own counter, cross-checked with the proxy's metrics."""
+    with contextlib.suppress(OSError, ValueError):
+        results.token_calls = json.loads(http_get(f"http://{stack.backends}/calls")[1])
+    target = stack.targets.get(TOKENRELAY)
+    if target is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        text = http_get(f"{target.base}/-/metrics")[1].decode()
+        pattern = re.compile(
+            r'^tokenrelay_token_requests_total\{[^}]*provider="' + PROVIDER + r'"[^}]*\}\s+(\S+)',
+            re.MULTILINE,
+        )
+        values = [float(v) for v in pattern.findall(text)]
+        results.metrics_calls = sum(values) if values else None
+
+
+class Bench:
+    """The measurement plan; every step is bounded by wrk's and curl's own time limits."""
+
+    def __init__(self, stack: Stack, results: Results, profile: Path | None) -> None:
+        self.stack, self.results, self.profile = stack, results, profile
+        self.mode = stack.mode
+        self.script = stack.work / "report.lua"
+        self.script.write_text(WRK_SCRIPT)
+
+    def targets(self) -> list[Target]:
+        return [self.stack.targets[n] for n in NAMES if n in self.stack.targets]
+
+    def run(self) -> None:
+        for target in self.targets():
+            try:
+                self.stack.check(target)
+            except (BenchError, OSError) as exc:
+                self.skip(target.name, f"check failed: {exc}")
+        if shutil.which("wrk") is not None:
+            self.small_responses()
+        else:
+            self.results.notes.append("wrk missing: small-response figures not measured")
+        if shutil.which("curl") is not None:
+            self.transfers()
+        else:
+            self.results.notes.append("curl missing: transfer figures not measured")
+        self.finish()
+
+    def skip(self, name: str, why: str) -> None:
+        self.stack.targets.pop(name, None)
+        self.results.notes.append(f"{name} not measured: {why}")
+        log(f"{name} not measured: {why}")
+
+    def small_responses(self) -> None:
+        """Targets interleaved per connection count, so drift in the machine's load spreads."""
+        for conns in CONNS:
+            for target in self.targets():
+                log(f"small responses, {conns} conn: {target.name}")
+                try:
+                    load = measure_load(target, conns, self.mode, self.script)
+                except (BenchError, subprocess.SubprocessError) as exc:
+                    self.results.notes.append(f"{target.name} at {conns} conn: {exc}")
+                    continue
+                self.results.loads[(target.name, conns)] = load
+                if load.errors:
+                    self.results.notes.append(
+                        f"{target.name} at {conns} conn: {load.errors} errors in {load.requests}"
+                    )
+
+    def transfers(self) -> None:
+        size = self.mode.body
+        warm_page_cache(self.stack.docroot / "big")
+        for target in self.targets():
+            log(f"{size // MIB} MiB down and up: {target.name}")
+            with RssSampler(target.pid) as rss:
+                down = functools.partial(download, target, size)
+                self.one_transfer(target, "download", down)
+                up = functools.partial(upload, target, self.stack.docroot / "big", self.stack.work)
+                self.one_transfer(target, "upload", up)
+            if target.pid is not None:
+                self.results.peak_rss_mb[target.name] = rss.peak_kb * 1024 / 1e6
+
+    def one_transfer(self, target: Target, kind: str, fn: Callable[[], Transfer]) -> None:
+        store = self.results.downloads if kind == "download" else self.results.uploads
+        try:
+            result = fn()
+        except (BenchError, subprocess.SubprocessError, ValueError, OSError) as exc:
+            self.results.notes.append(f"{target.name} {kind} failed: {exc}")
+            return
+        store[target.name] = result
+        if not result.ok:
+            self.results.notes.append(f"{target.name} {kind} incomplete: {result.detail}")
+
+    def finish(self) -> None:
+        for target in self.targets():
+            if target.pid is not None:
+                hwm = status_kb(target.tree(), "VmHWM")
+                self.results.hwm_mb[target.name] = hwm * 1024 / 1e6
+        token_counts(self.stack, self.results)
+        self.count_access_logs()
+        if self.profile is not None and TOKENRELAY in self.stack.targets:
+            self.results.profile = profile_tokenrelay(
+                self.stack.targets[TOKENRELAY], self.mode, self.script, self.profile
+            )
+
+    def count_access_logs(self) -> None:
+        """Proof that logging stayed on: a line count per proxy."""
+        files = {TOKENRELAY: self.stack.work / f"{TOKENRELAY}.log"}
+        files[NGINX] = self.stack.work / "nginx-access.log"
+        for name, path in files.items():
+            if name in self.stack.targets and path.exists():
+                with path.open("rb") as f:
+                    self.results.access_log_lines[name] = sum(1 for _ in f)
+
+
+# ---------------------------------------------------------------------------
+# profile
+
+
+def find_py_spy() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def profile_tokenrelay(target: Target, mode: Mode, script: Path, out: Path) -> str:
+    """A 64-connection run under py-spy, after the measured runs so it skews none of them."""
+    py_spy = find_py_spy()
+    if py_spy is None or target.pid is None:
+        return "py-spy not found: `.venv/bin/pip install py-spy`"
+    raw = out.with_suffix(".raw.txt")
+    secs = max(2, round(mode.duration))
+    argv = [
+        py_spy, "record", "--pid", str(target.pid), "--duration", str(secs), "--rate", "250",
+        "--format", "raw", "--nolineno", "--nonblocking", "--output", str(raw),
+    ]  # fmt: skip
+    log(f"profiling tokenrelay for {secs} s at 64 conn")
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        run_wrk(target.small, 64, secs, script)
+        _, err = spy.communicate(timeout=secs + 30)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait(timeout=5)
+    if not raw.exists():
+        return f"py-spy produced nothing: {err.decode(errors='replace').strip()[:300]}"
+    summary = summarise_profile(raw.read_text())
+    out.write_text(summary)
+    return summary
+
+
+def summarise_profile(raw: str, top: int = 20) -> str:
+    """Self and inclusive share per function, and self share per package, from raw stacks."""
+    self_t: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    pkg: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += count
+        self_t[frames[-1]] += count
+        pkg[package_of(frames[-1])] += count
+        for frame in set(frames):
+            incl[frame] += count
+    if not total:
+        return "py-spy recorded no samples"
+
+    def table(title: str, counts: Counter[str]) -> str:
+        rows = [f"| {100 * n / total:5.1f} % | `{name}` |" for name, n in counts.most_common(top)]
+        return f"| {title} | function |\n|---:|---|\n" + "\n".join(rows)
+
+    return "\n\n".join(
+        [
+            f"{total} samples of tokenrelay's CPU (idle excluded), 64 conn, small responses.",
+            table("self", self_t),
+            table("inclusive", incl),
+            table("self, by package", pkg),
+        ]
+    )
+
+
+def package_of(frame: str) -> str:
+    """``func (aiohttp/web_protocol.py)`` → ``aiohttp``; stdlib modules by file name."""
+    match = re.search(r"\(([^)]*)\)\s*$", frame)
+    path = match.group(1) if match else frame
+    parts = path.split("/")
+    return parts[0] if len(parts) > 1 else (parts[0].removesuffix(".py") or "?")
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("yes" if ok else "**no**")
+
+
+Row = tuple[str, dict[str, float | None], str, str]
+
+
+def load_rows(r: Results, conns: int) -> list[Row]:
+    loads = {n: r.loads.get((n, conns)) for n in NAMES}
+    direct = loads[DIRECT]
+
+    def col(get: Callable[[Load], float | None]) -> dict[str, float | None]:
+        return {n: (get(v) if v is not None else None) for n, v in loads.items()}
+
+    def added(get: Callable[[Load], float]) -> dict[str, float | None]:
+        return {
+            n: (get(v) - get(direct) if v is not None and direct is not None else None)
+            for n, v in loads.items()
+            if n != DIRECT
+        }
+
+    added_p50 = added(lambda x: x.p50_ms)
+    c = f"{conns} conn"
+    return [
+        (f"small, {c}: requests/s", col(lambda x: x.rps), ".0f", ""),
+        (f"small, {c}: p50 latency (ms)", col(lambda x: x.p50_ms), ".3f", ""),
+        (f"small, {c}: p99 latency (ms)", col(lambda x: x.p99_ms), ".3f", ""),
+        (
+            f"small, {c}: added p50 over direct (ms)", added_p50, ".3f",
+            "≤ 0.10" if conns == 1 else "",
+        ),
+        (f"small, {c}: added p99 over direct (ms)", added(lambda x: x.p99_ms), ".3f", ""),
+        (f"small, {c}: proxy CPU per request (µs)", col(lambda x: x.cpu_us), ".1f", "≤ 60"),
+    ]  # fmt: skip
+
+
+def met(r: Results, row: Row) -> str:
+    value = row[1].get(TOKENRELAY)
+    if value is None or not row[3]:
+        return ""
+    checks: dict[str, Callable[[float], bool]] = {
+        "≤ 0.10": lambda v: v <= TARGET_ADDED_P50_MS,
+        "≤ 60": lambda v: v <= TARGET_CPU_US,
+        "≥ 1.0": lambda v: v >= TARGET_GBPS,
+        "≤ 0.8": lambda v: v <= TARGET_CPU_S_PER_GIB,
+        "< 60": lambda v: v < TARGET_RSS_MB,
+    }
+    return verdict(checks[row[3]](value))
+
+
+def transfer_rows(r: Results) -> list[Row]:
+    size = f"{r.mode.body // MIB} MiB" if r.mode.body < GIB else f"{r.mode.body // GIB} GiB"
+
+    def col(
+        store: dict[str, Transfer], get: Callable[[Transfer], float | None]
+    ) -> dict[str, float | None]:
+        return {n: (get(store[n]) if n in store else None) for n in NAMES}
+
+    return [
+        (f"download {size}: GB/s", col(r.downloads, lambda t: t.gbps), ".2f", "≥ 1.0"),
+        (
+            f"download {size}: proxy CPU-s per GiB",
+            col(r.downloads, lambda t: t.cpu_s_per_gib), ".3f", "≤ 0.8",
+        ),
+        (f"upload {size}: GB/s", col(r.uploads, lambda t: t.gbps), ".2f", "≥ 1.0"),
+        (
+            f"upload {size}: proxy CPU-s per GiB",
+            col(r.uploads, lambda t: t.cpu_s_per_gib), ".3f", "≤ 0.8",
+        ),
+        (
+            "peak RSS during transfers (MB)",
+            {n: r.peak_rss_mb.get(n) for n in NAMES}, ".1f", "< 60",
+        ),
+        ("VmHWM at end of run (MB)", {n: r.hwm_mb.get(n) for n in NAMES}, ".1f", ""),
+    ]  # fmt: skip
+
+
+def render_row(r: Results, row: Row) -> str:
+    name, values, spec, target = row
+    cells = [fmt(values.get(n), spec) if n in values else "—" for n in NAMES]
+    tr = values.get(TOKENRELAY)
+    return (
+        f"| {name} | {' | '.join(cells)} | {ratio(tr, values.get(DIRECT))} "
+        f"| {ratio(tr, values.get(NGINX))} | {target} | {met(r, row)} |"
+    )
+
+
+def token_row(r: Results) -> str:
+    calls = r.token_calls or {}
+    got = calls.get(PROVIDER)
+    metrics = "n/a" if r.metrics_calls is None else f"{r.metrics_calls:.0f}"
+    others = {k: v for k, v in calls.items() if k != PROVIDER}
+    ok = got == 1 and r.metrics_calls == 1 and not others
+    cell = f"{got if got is not None else 'n/a'} (metrics: {metrics})"
+    extra = f" others: {others}" if others else ""
+    verdict_cell = verdict(ok) if TOKENRELAY in r.hwm_mb else ""
+    return (
+        f"| token calls, provider `{PROVIDER}` | — | {cell}{extra} | — | | | = 1 | {verdict_cell} |"
+    )
+
+
+def render(r: Results) -> str:
+    when = r.started.strftime("%Y-%m-%d %H:%M UTC")
+    m = r.mode
+    body = f"{m.body // GIB} GiB" if m.body >= GIB else f"{m.body // MIB} MiB"
+    head = [
+        "# Benchmark results",
+        "",
+        f"`make bench` ({m.name} mode: {m.duration:.0f} s per wrk run after a {m.warmup:.0f} s "
+        f"warm-up, {body} bodies), {when}.",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in r.machine.items()],
+        "",
+        "| measure | direct | tokenrelay | nginx | tokenrelay / direct | tokenrelay / nginx "
+        "| target | met |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    rows = [*load_rows(r, 1), *load_rows(r, 64), *transfer_rows(r)]
+    lines = [*head, *(render_row(r, row) for row in rows), token_row(r), ""]
+    return "\n".join(lines + method_notes(r)) + "\n"
+
+
+def method_notes(r: Results) -> list[str]:
+    logs = ", ".join(f"{k}: {v}" for k, v in r.access_log_lines.items()) or "n/a"
+    notes = [
+        "How it was measured: all on 127.0.0.1; upstream nginx (1 worker, sendfile) serves a "
+        "100-byte file and a sparse body file; uploads go to an aiohttp sink that reads every "
+        "byte before answering. nginx as proxy runs 1 worker, keep-alive pool of 64, "
+        "HTTP/1.1, static Bearer header, streaming both ways, access log on. tokenrelay runs "
+        "with a client-credentials provider, JSON access log on (to a file). wrk: 1 thread, "
+        "`--latency`; latency in ms; CPU is utime+stime of the proxy's process tree "
+        "(/proc/PID/stat) over the measured run; RSS is the summed VmRSS of that tree, sampled "
+        "every 10 ms; GB = 10⁹ bytes, MB = 10⁶ bytes. Transfers use curl to /dev/null and "
+        "`curl -T`. Ratios are tokenrelay's figure divided by the other's, same run.",
+        "",
+        f"Access-log lines written: {logs}.",
+    ]
+    if r.notes:
+        notes += ["", "Notes from this run:", "", *[f"- {n}" for n in r.notes]]
+    return notes
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Unwind like Ctrl-C does, so every child is stopped on the way out."""
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-bench-") as tmp:
+        path = Path(tmp)
+        path.chmod(0o755)
+        yield path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="direct vs tokenrelay vs nginx, side by side")
+    parser.add_argument("--quick", action="store_true", help="2 s per wrk run, 64 MiB bodies")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the Markdown")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="also profile tokenrelay with py-spy, to PATH"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = QUICK if args.quick else FULL
+    out: Path = args.out or (RAW_DIR / "quick.md" if args.quick else BENCH / "RESULTS.md")
+    signal.signal(signal.SIGTERM, on_sigterm)
+    notes: list[str] = []
+    ensure_tools(notes)
+    started = dt.datetime.now(dt.UTC)
+    results = Results(mode=mode, machine=machine_info(), started=started, notes=notes)
+    t0 = time.monotonic()
+    with workdir() as work, Procs(work) as procs:
+        stack = Stack(procs, work, mode, notes)
+        stack.start_all()
+        Bench(stack, results, args.profile).run()
+    report = render(results)
+    print(report)
+    if results.profile:
+        print("## py-spy profile of tokenrelay\n\n" + results.profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    log(f"wrote {out} in {time.monotonic() - t0:.0f} s")
+    return 1 if notes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
