@@ -343,9 +343,11 @@ class Metrics:
         self,
         registry: CollectorRegistry | None = None,
         perf: Callable[[], float] = time.perf_counter,
+        max_label_values: int = MAX_LABEL_VALUES,
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         self._perf = perf
+        self._max_values = max_label_values
         r = self.registry
         self.requests = Counter(
             "tokenrelay_requests", "Requests answered", ["route", "method", "status"], registry=r
@@ -423,7 +425,7 @@ class Metrics:
             rm.errors[ex.upstream_error].inc()
 
     def _route(self, route: str) -> _RouteMetrics:
-        if len(self._routes) < MAX_LABEL_VALUES:
+        if len(self._routes) < self._max_values:
             rm = self._routes[route] = _RouteMetrics(self, route or "none")
             return rm
         if self._overflow_route is None:
@@ -449,7 +451,7 @@ class Metrics:
         )
         child = self._token_children.get(key)
         if child is None:
-            if len(self._token_children) >= MAX_LABEL_VALUES:
+            if len(self._token_children) >= self._max_values:
                 key = (OVERFLOW, OVERFLOW, OVERFLOW)
             child = self._token_children.setdefault(key, self.token_requests.labels(*key))
         child.inc()
