@@ -217,7 +217,7 @@ async def _sighup(app: web.Application) -> None:
     except ConfigError as err:
         rt.observer.reload_done(ok=False)
         log.error(
-            "reload failed, config unchanged", file=err.file, key=err.path, problem=err.problem
+            "reload failed, config unchanged", file=err.file, key_path=err.path, problem=err.problem
         )
         return
     rt.observer.reload_done(ok=True)
