@@ -206,19 +206,23 @@ class CachedTokenSource:
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[Token]) -> None:
-        if self._inflight is task:
+        if self._inflight is task:  # cancelled, or failed unexpectedly
             self._inflight = None
         if not task.cancelled():
             task.exception()  # retrieved here: a background failure has no awaiting caller
 
     async def _fetch(self, reason: str) -> Token:
+        """The one fetch in flight; it clears ``_inflight`` itself, before anyone hears of it."""
         current = self._token
         try:
             token, step = await self._fetch_with_retries(current)
         except TransientTokenError as exc:
+            self._inflight = None
             raise self._failed(reason, self._gave_up(exc)) from None
         except TokenError as exc:
+            self._inflight = None
             raise self._failed(reason, exc, cooldown=True) from None
+        self._inflight = None
         self._token, self._rejected = token, False
         self._last_step, self._last_failure = step, None
         self._bg_failures, self._bg_not_before = 0, 0.0
