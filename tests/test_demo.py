@@ -459,7 +459,12 @@ def demo_stack(routes_file: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
 
 
 def proxy_missing() -> str:
@@ -474,12 +479,14 @@ def proxy_missing() -> str:
 @pytest.mark.skipif(bool(proxy_missing()), reason=proxy_missing() or "-")
 def test_make_run_shows_injection_refresh_and_replay(demo_stack: str) -> None:
     status, echo = get_json(f"{demo_stack}/demo/api/hello")
-    assert status == 200
+    assert status == 200, echo
     assert echo["token"]["grant"] == "password"
-    get_json(f"{demo_stack}/demo/api/-/expire-now", "POST")
+    status, revoked = get_json(f"{demo_stack}/demo/api/-/expire-now", "POST")
+    assert revoked["revoked_access_tokens"] == 1
     status, echo = get_json(f"{demo_stack}/demo/api/hello")
-    assert status == 200  # the proxy saw 401, refreshed and replayed
+    assert status == 200, echo  # the proxy saw 401, refreshed and replayed
     assert echo["token"]["grant"] == "refresh"
+    assert echo["vendor"]["logins"] == 1, "refreshed, not logged in again"
     status, echo = get_json(f"{demo_stack}/demo-cc/hello")
-    assert status == 200
+    assert status == 200, echo
     assert echo["token"]["grant"] == "client_credentials"
