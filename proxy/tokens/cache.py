@@ -10,6 +10,12 @@ Written once around any ``Grant``. The rules, in the order ``token()`` applies t
 
 Transient failures (no answer, 5xx, 429) are retried with jittered exponential
 backoff that honours Retry-After, bounded by ``retry.attempts`` and ``retry.max_time``.
+
+Events passed to ``on_event(event, fields)`` (fields name the provider, never a token):
+token_obtained, token_refreshed_ahead, token_renewed_after_401 (step, reason, expires_at),
+token_fetch_failed (reason, code, status, outcome), cooldown_entered (code, seconds),
+cooldown_left; the grants add token_request (step, outcome, code, duration) and
+refresh_refused_login.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class CachedTokenSource:
         self._on_event = on_event
         self._token: Token | None = None
         self._rejected = False  # the upstream refused self._token (invalidate)
+        self._refresh_due = math.inf  # refresh ahead after this time
         self._inflight: asyncio.Task[Token] | None = None
         self._cooldown_until: float | None = None
         self._last_failure: TokenError | None = None
@@ -91,7 +98,7 @@ class CachedTokenSource:
         now = self._clock()
         current = self._usable(now)
         if current is not None:
-            if self._due(current, now):
+            if now > self._refresh_due:
                 self._refresh_in_background(now)
             return current
         if self._inflight is None:
@@ -150,13 +157,14 @@ class CachedTokenSource:
             return None
         return tok
 
-    def _due(self, tok: Token, now: float) -> bool:
-        """Time to refresh ahead: less than max(fraction * lifetime, min_seconds) is left."""
+    def _refresh_at(self, tok: Token) -> float:
+        """When to refresh ahead: once less than max(fraction * lifetime, min_seconds) is left,
+        capped at half the lifetime so a short-lived token is not due the moment it arrives."""
         lifetime = tok.lifetime()
         if not math.isfinite(lifetime):
-            return False
+            return math.inf
         margin = min(max(self._ahead.fraction * lifetime, self._ahead.min_seconds), lifetime / 2)
-        return tok.expires_at - now < margin
+        return tok.expires_at - margin
 
     def _refresh_in_background(self, now: float) -> None:
         busy = self._inflight is not None or self._cooldown_left(now) is not None
@@ -224,6 +232,7 @@ class CachedTokenSource:
             raise self._failed(reason, exc, cooldown=True) from None
         self._inflight = None
         self._token, self._rejected = token, False
+        self._refresh_due = self._refresh_at(token)
         self._last_step, self._last_failure = step, None
         self._bg_failures, self._bg_not_before = 0, 0.0
         if self._cooldown_until is not None:
@@ -271,7 +280,9 @@ class CachedTokenSource:
     def _failed(self, reason: str, exc: TokenError, *, cooldown: bool = False) -> TokenError:
         now = self._clock()
         self._last_failure = exc
-        self._emit("token_fetch_failed", reason=reason, code=exc.code, status=exc.status)
+        self._emit(
+            "token_fetch_failed", reason=reason, code=exc.code, status=exc.status, outcome="error"
+        )
         if reason == "ahead":
             self._bg_failures += 1
             backoff = max(self._retry.max_backoff, 1.0) * 2 ** (self._bg_failures - 1)

@@ -57,6 +57,10 @@ class TransientTokenError(TokenError):
         self.idp_status = idp_status
 
 
+class _RefreshRefused(Exception):
+    """The IdP will never accept this refresh token: log in again (never seen outside)."""
+
+
 def token_error(provider: str, detail: str, **kwargs: Any) -> TokenError:
     """A final ``TokenError`` whose text names the provider."""
     return TokenError(provider, f"provider {provider}: {detail}", **kwargs)
@@ -169,17 +173,15 @@ class _HttpGrant:
         url: str,
         form: dict[str, str],
         headers: dict[str, str] | None = None,
-        *,
-        refusable: bool = False,
-    ) -> Token | None:
-        """POST ``form``; the token, or None when ``refusable`` and the refresh was refused."""
+    ) -> Token:
+        """POST ``form`` and read the token; a refused refresh raises ``_RefreshRefused``."""
         started = time.perf_counter()
         outcome, code = "error", None
         try:
             answer, sent_at = await self._post(step, url, form, headers or {})
-            if refusable and _refused(answer):
+            if step == "refresh" and _refused(answer):
                 code = _error_code(answer)
-                return None
+                raise _RefreshRefused
             token = self._token_from(step, answer, sent_at)
             outcome = "success"
             return token
@@ -246,7 +248,6 @@ class ClientCredentialsGrant(_HttpGrant):
         self._client_auth(form, headers)
         self._oauth_extras(form)
         token = await self._request(step, _url(self.provider.token_url), form, headers)
-        assert token is not None
         return replace(token, refresh_token=None), step
 
 
@@ -255,11 +256,13 @@ class PasswordGrant(_HttpGrant):
 
     async def fetch(self, current: Token | None) -> tuple[Token, str]:
         if current is not None and current.refresh_token is not None:
-            token = await self._refresh(current.refresh_token)
-            if token is not None:
+            try:
+                token = await self._refresh(current.refresh_token)
+            except _RefreshRefused:
+                self._emit("refresh_refused_login", step="refresh")
+            else:
                 kept = token.refresh_token or current.refresh_token
                 return replace(token, refresh_token=kept), "refresh"
-            self._emit("refresh_refused_login", step="refresh")
         return await self._login(), "login"
 
     async def _login(self) -> Token:
@@ -269,17 +272,15 @@ class PasswordGrant(_HttpGrant):
         headers: dict[str, str] = {}
         self._client_auth(form, headers)
         self._oauth_extras(form)
-        token = await self._request("login", _url(p.token_url), form, headers)
-        assert token is not None
-        return token
+        return await self._request("login", _url(p.token_url), form, headers)
 
-    async def _refresh(self, refresh_token: str) -> Token | None:
+    async def _refresh(self, refresh_token: str) -> Token:
         p = self.provider
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         headers: dict[str, str] = {}
         self._client_auth(form, headers)
         url = _url(p.refresh_url or p.token_url)
-        return await self._request("refresh", url, form, headers, refusable=True)
+        return await self._request("refresh", url, form, headers)
 
 
 class SimacanGrant(_HttpGrant):
@@ -293,15 +294,13 @@ class SimacanGrant(_HttpGrant):
         p = self.provider
         if current is not None and current.refresh_token is not None:
             form = {"refresh_token": current.refresh_token}
-            token = await self._request("refresh", _url(p.refresh_url), form, refusable=True)
-            if token is not None:
-                return token, "refresh"
-            self._emit("refresh_refused_login", step="refresh")
+            try:
+                return await self._request("refresh", _url(p.refresh_url), form), "refresh"
+            except _RefreshRefused:
+                self._emit("refresh_refused_login", step="refresh")
         password = p.password.get_secret_value() if p.password is not None else ""
         form = {"username": p.username or "", "password": password}
-        token = await self._request("login", _url(p.token_url), form)
-        assert token is not None
-        return token, "login"
+        return await self._request("login", _url(p.token_url), form), "login"
 
 
 # ---------------------------------------------------------------------------
