@@ -123,6 +123,20 @@ async def test_expired_token_blocks_callers_until_the_new_one(sipsim: Rig) -> No
     assert sipsim.vendor.calls["token"] == 2
 
 
+async def test_a_cancelled_caller_does_not_cancel_the_shared_fetch(sipsim: Rig) -> None:
+    sipsim.vendor.hold = asyncio.Event()
+    arrived = sipsim.events.expect("token_obtained")
+    impatient = asyncio.create_task(sipsim.token())
+    patient = asyncio.create_task(sipsim.token())
+    await asyncio.sleep(0)  # one yield: both callers now wait on the fetch impatient started
+    assert sipsim.source.state()["state"] == "refreshing"
+    impatient.cancel()
+    sipsim.vendor.hold.set()
+    await arrived
+    assert (await patient).value == sipsim.vendor.issued[0].value
+    assert impatient.cancelled() and sipsim.vendor.calls["token"] == 1
+
+
 # -- refresh ahead ----------------------------------------------------------------
 
 

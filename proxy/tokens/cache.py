@@ -101,11 +101,12 @@ class CachedTokenSource:
             if now > self._refresh_due:
                 self._refresh_in_background(now)
             return current
-        if self._inflight is None:
+        task = self._inflight
+        if task is None:
             self._check_cooldown(now)
-            self._start("rejected" if self._rejected else "expired")
-        assert self._inflight is not None
-        return await asyncio.shield(self._inflight)
+            reason = "cold" if self._token is None else "rejected" if self._rejected else "expired"
+            task = self._start(reason)
+        return await asyncio.shield(task)  # a caller giving up does not cancel it for the rest
 
     def invalidate(self, stale: Token) -> None:
         """Forget ``stale`` if it is still current, so N rejections of one token renew once."""
@@ -119,10 +120,7 @@ class CachedTokenSource:
 
     async def renew(self) -> Token:
         """Fetch a new token now, even during a cool-down (an operator asked for it)."""
-        if self._inflight is None:
-            self._start("forced")
-        assert self._inflight is not None
-        return await asyncio.shield(self._inflight)
+        return await asyncio.shield(self._inflight or self._start("forced"))
 
     def state(self) -> dict[str, Any]:
         """What the admin endpoint shows; never the token."""
@@ -208,10 +206,11 @@ class CachedTokenSource:
 
     # -- the one fetch in flight ------------------------------------------------
 
-    def _start(self, reason: str) -> None:
+    def _start(self, reason: str) -> asyncio.Task[Token]:
         task = asyncio.get_running_loop().create_task(self._fetch(reason))
         self._inflight = task
         task.add_done_callback(self._finished)
+        return task
 
     def _finished(self, task: asyncio.Task[Token]) -> None:
         if self._inflight is task:  # cancelled, or failed unexpectedly
