@@ -204,7 +204,12 @@ class _HttpGrant:
         self, step: str, url: str, form: dict[str, str], headers: dict[str, str]
     ) -> tuple[_Answer, float]:
         sent_at = self._clock()
-        all_headers = {"Accept": "application/json", **self.provider.token_headers, **headers}
+        all_headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+            **self.provider.token_headers,
+            **headers,
+        }
         try:
             async with self._session.post(
                 url,
