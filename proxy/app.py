@@ -63,6 +63,7 @@ class Runtime:
     clock: Clock
     observer: Observer
     session: aiohttp.ClientSession | None = None
+    token_session: aiohttp.ClientSession | None = None
     forwarder: Forwarder | None = None
     generation: Generation | None = None
     spool_dir: Path | None = None
@@ -140,12 +141,22 @@ def make_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
+def make_token_session(config: Config) -> aiohttp.ClientSession:
+    """Token endpoints get their own session: normal client defaults, no shared cookies."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=config.trust_env,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30),
+    )
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Open the session and token registry at start-up, close them at shutdown."""
     rt = app[RUNTIME]
     config = rt.loaded.config
     rt.spool_dir = spool_root(config.spool_dir)
     rt.session = make_session(config)
+    rt.token_session = make_token_session(config)
     max_body = int(config.limits.max_body) if config.limits.max_body is not None else None
     rt.forwarder = Forwarder(rt.session, rt.spool_dir, max_body)
     rt.generation = rt.build(rt.loaded, None)
@@ -155,6 +166,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         rt.draining = True
         await rt.session.close()
+        await rt.token_session.close()
 
 
 def _token_states(rt: Runtime) -> dict[str, dict[str, object]]:
@@ -199,7 +211,7 @@ def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.Strea
         rt = request.app[RUNTIME]
         rid = request_id_from(request.headers.get("X-Request-Id"))
         ex = Exchange(rid, request.method, "", _peer(request), time.perf_counter())
-        rt.observer.metrics.in_flight_gauge.inc()
+        rt.observer.metrics.in_flight_now += 1
         try:
             target = Target.parse(request.raw_path)
             ex.path = target.path
@@ -222,8 +234,15 @@ def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.Strea
         except (ConnectionError, asyncio.CancelledError):
             ex.error = ex.error or "client_gone"
             raise
+        except Exception:
+            log.exception("unhandled error", request_id=rid)
+            if ex.status:  # the response head may be out: cut the connection instead
+                ex.error = "internal"
+                raise
+            ex.status, ex.error = 500, "internal"
+            return problem_response(ProxyError("the proxy failed on this request"), rid)
         finally:
-            rt.observer.metrics.in_flight_gauge.dec()
+            rt.observer.metrics.in_flight_now -= 1
             rt.observer.request_done(ex)
 
     return handle

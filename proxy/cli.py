@@ -14,7 +14,13 @@ import structlog
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import RUNTIME, create_admin_app, create_app, make_session, start_runner
+from proxy.app import (
+    RUNTIME,
+    create_admin_app,
+    create_app,
+    make_token_session,
+    start_runner,
+)
 from proxy.config import Config, Listen, Loaded, load_config
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, TokenError
@@ -140,7 +146,7 @@ def _token(path: str, provider: str) -> int:
 
 
 async def _probe_token(config: Config, provider: str) -> int:
-    async with make_session(config) as session:
+    async with make_token_session(config) as session:
         registry = TokenRegistry(config.providers, session, clock=system_clock)
         try:
             token = await registry.sources[provider].token()

@@ -200,3 +200,14 @@ class Recorder:
             pass
         finally:
             writer.close()
+
+
+def provider_json(vendor: object, **overrides: object) -> str:
+    """A vendor emulator's provider as a YAML flow mapping (JSON is YAML)."""
+    from proxy.presets import PRESETS
+
+    preset = getattr(vendor, "preset", None)
+    keys: dict[str, object] = {"preset": preset} if preset in PRESETS else {}
+    keys.update(vendor.provider_keys())  # type: ignore[attr-defined]
+    keys.update(overrides)
+    return orjson.dumps(keys).decode()
