@@ -12,16 +12,23 @@ import os
 import re
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any, Literal, TextIO
 
 import orjson
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from proxy.forward.exchange import Exchange
 
@@ -92,19 +99,25 @@ def redact(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+_last_ms = -1
 _last_second = -1
 _second_prefix = ""
+_now_text = ""
 
 
 def utc_now_iso() -> str:
-    """ISO 8601 UTC with milliseconds; the date part is formatted once per second."""
-    global _last_second, _second_prefix
-    now = time.time()
-    sec = int(now)
-    if sec != _last_second:
-        _second_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        _last_second = sec
-    return f"{_second_prefix}.{int((now - sec) * 1000):03d}Z"
+    """ISO 8601 UTC with milliseconds; formatted at most once per millisecond, and the date
+    part once per second (it is called on every request)."""
+    global _last_ms, _last_second, _second_prefix, _now_text
+    ms = int(time.time() * 1000)
+    if ms != _last_ms:
+        sec, frac = divmod(ms, 1000)
+        if sec != _last_second:
+            _second_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            _last_second = sec
+        _now_text = f"{_second_prefix}.{frac:03d}Z"
+        _last_ms = ms
+    return _now_text
 
 
 def _add_time(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
@@ -280,64 +293,45 @@ OVERFLOW = "other"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-def method_label(method: str) -> str:
-    return METHODS.get(method, "OTHER")
+_BUCKET_LABELS = (*(repr(float(b)) for b in BUCKETS), "+Inf")
 
 
-class _RouteMetrics:
-    """The per-route children, looked up once per request by route prefix."""
+class _Histogram:
+    """Counts per bucket; the event loop is the only writer, so plain ints need no lock."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_BUCKET_LABELS)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        return list(zip(_BUCKET_LABELS, accumulate(self.counts), strict=True))
+
+
+class _RouteStats:
+    """Everything counted per route, found with one dict lookup per request."""
 
     __slots__ = ("duration", "errors", "label", "received", "replays", "sent", "ttfb")
 
-    def __init__(self, m: Metrics, label: str) -> None:
+    def __init__(self, label: str) -> None:
         self.label = label
-        self.duration = m.duration.labels(label)
-        self.ttfb = m.ttfb.labels(label)
-        self.received = m.received.labels(label)
-        self.sent = m.sent.labels(label)
-        self.replays = {o: m.replays.labels(label, o) for o in REPLAY_OUTCOMES}
-        self.errors = {k: m.upstream_errors.labels(label, k) for k in UPSTREAM_ERRORS}
-
-
-class _TokenStateCollector:
-    """Token expiry and cool-down, read from the token cache when Prometheus scrapes."""
-
-    def __init__(self) -> None:
-        self.source: TokenStates | None = None
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
-
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        expiry = GaugeMetricFamily(
-            "tokenrelay_token_expiry_seconds",
-            "Seconds until the provider's current token expires",
-            labels=["provider"],
-        )
-        cooldown = GaugeMetricFamily(
-            "tokenrelay_token_cooldown",
-            "1 while the provider is cooling down after a credential failure",
-            labels=["provider"],
-        )
-        return expiry, cooldown
-
-    def collect(self) -> Iterable[Metric]:
-        expiry, cooldown = self._families()
-        try:
-            states = self.source() if self.source is not None else {}
-        except Exception:  # a scrape must not fail because one source misbehaves
-            states = {}
-        for provider, state in states.items():
-            left = state.get("seconds_left")
-            if isinstance(left, int | float):
-                expiry.add_metric([provider], float(left))
-            cooling = state.get("state") == "cooldown" or state.get("cooldown_seconds_left")
-            cooldown.add_metric([provider], 1.0 if cooling else 0.0)
-        return [expiry, cooldown]
+        self.duration = _Histogram()
+        self.ttfb = _Histogram()
+        self.received = 0
+        self.sent = 0
+        self.replays = dict.fromkeys(sorted(REPLAY_OUTCOMES), 0)
+        self.errors = dict.fromkeys(sorted(UPSTREAM_ERRORS), 0)
 
 
 class Metrics:
-    """All of tokenrelay's metrics on a registry of their own; children cached per label set."""
+    """tokenrelay's metrics: plain counters on the request path, turned into Prometheus
+    families only when scraped (a ``.labels()`` lookup or a locked prometheus-client child per
+    request costs several times more). Registered on a registry of its own."""
 
     def __init__(
         self,
@@ -348,97 +342,48 @@ class Metrics:
         self.registry = CollectorRegistry() if registry is None else registry
         self._perf = perf
         self._max_values = max_label_values
-        r = self.registry
-        self.requests = Counter(
-            "tokenrelay_requests", "Requests answered", ["route", "method", "status"], registry=r
-        )
-        self.duration = Histogram(
-            "tokenrelay_request_duration_seconds",
-            "Time from arrival to the last byte sent",
-            ["route"],
-            buckets=BUCKETS,
-            registry=r,
-        )
-        self.ttfb = Histogram(
-            "tokenrelay_upstream_ttfb_seconds",
-            "Time from arrival to the first upstream response byte",
-            ["route"],
-            buckets=BUCKETS,
-            registry=r,
-        )
-        self.received = Counter(
-            "tokenrelay_received_bytes", "Request body bytes from clients", ["route"], registry=r
-        )
-        self.sent = Counter(
-            "tokenrelay_sent_bytes", "Response body bytes to clients", ["route"], registry=r
-        )
-        self.in_flight_gauge = Gauge(
-            "tokenrelay_requests_in_flight", "Requests being handled", registry=r
-        )
-        self.token_requests = Counter(
-            "tokenrelay_token_requests",
-            "Calls to token endpoints",
-            ["provider", "step", "outcome"],
-            registry=r,
-        )
-        self.replays = Counter(
-            "tokenrelay_replays", "Replays after an upstream 401", ["route", "outcome"], registry=r
-        )
-        self.upstream_errors = Counter(
-            "tokenrelay_upstream_errors",
-            "Upstream failures by kind",
-            ["route", "kind"],
-            registry=r,
-        )
-        self.config_reloads = Counter(
-            "tokenrelay_config_reload", "Config reloads", ["outcome"], registry=r
-        )
-        self._token_states = _TokenStateCollector()
-        r.register(self._token_states)
-        self._routes: dict[str, _RouteMetrics] = {}
-        self._overflow_route: _RouteMetrics | None = None
-        self._request_children: dict[tuple[str, str, int], Any] = {}
-        self._token_children: dict[tuple[str, str, str], Any] = {}
+        self._routes: dict[str, _RouteStats] = {}
+        self._overflow_route: _RouteStats | None = None
+        self._requests: dict[tuple[str, str, int], int] = {}
+        self._token_requests: dict[tuple[str, str, str], int] = {}
+        self._reloads = {"success": 0, "error": 0}
+        self._token_states: TokenStates | None = None
+        self.in_flight_now = 0
+        self.registry.register(self)
 
     def observe(self, ex: Exchange, duration: float | None = None) -> None:
         """Every request-side metric from one finished Exchange; unknown outcomes and
         error kinds are not counted rather than given a label of their own."""
         if duration is None:
             duration = self._perf() - ex.started
-        rm = self._routes.get(ex.route) or self._route(ex.route)
-        status = ex.status if 0 <= ex.status < 1000 else 0
-        key = (rm.label, METHODS.get(ex.method, "OTHER"), status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(key[0], key[1], status)
-        child.inc()
-        rm.duration.observe(duration)
+        rs = self._routes.get(ex.route) or self._route(ex.route)
+        key = (rs.label, METHODS.get(ex.method, "OTHER"), ex.status if 0 <= ex.status < 1000 else 0)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        rs.duration.observe(duration)
         if ex.ttfb is not None:
-            rm.ttfb.observe(ex.ttfb)
-        if ex.bytes_in:
-            rm.received.inc(ex.bytes_in)
-        if ex.bytes_out:
-            rm.sent.inc(ex.bytes_out)
-        if ex.replay_outcome in rm.replays:
-            rm.replays[ex.replay_outcome].inc()
-        if ex.upstream_error in rm.errors:
-            rm.errors[ex.upstream_error].inc()
+            rs.ttfb.observe(ex.ttfb)
+        rs.received += ex.bytes_in
+        rs.sent += ex.bytes_out
+        if ex.replay_outcome in rs.replays:
+            rs.replays[ex.replay_outcome] += 1
+        if ex.upstream_error in rs.errors:
+            rs.errors[ex.upstream_error] += 1
 
-    def _route(self, route: str) -> _RouteMetrics:
+    def _route(self, route: str) -> _RouteStats:
         if len(self._routes) < self._max_values:
-            rm = self._routes[route] = _RouteMetrics(self, route or "none")
-            return rm
+            rs = self._routes[route] = _RouteStats(route or "none")
+            return rs
         if self._overflow_route is None:
-            self._overflow_route = _RouteMetrics(self, OVERFLOW)
+            self._overflow_route = _RouteStats(OVERFLOW)
         return self._overflow_route
 
     @contextmanager
     def in_flight(self) -> Iterator[None]:
-        self.in_flight_gauge.inc()
+        self.in_flight_now += 1
         try:
             yield
         finally:
-            self.in_flight_gauge.dec()
+            self.in_flight_now -= 1
 
     def token_event(self, event: str, fields: Mapping[str, object]) -> None:
         """Count token endpoint calls; expiry and cool-down come from ``set_token_states``."""
@@ -449,22 +394,121 @@ class Metrics:
             str(fields.get("step") or ""),
             str(fields.get("outcome") or ""),
         )
-        child = self._token_children.get(key)
-        if child is None:
-            if len(self._token_children) >= self._max_values:
-                key = (OVERFLOW, OVERFLOW, OVERFLOW)
-            child = self._token_children.setdefault(key, self.token_requests.labels(*key))
-        child.inc()
+        if key not in self._token_requests and len(self._token_requests) >= self._max_values:
+            key = (OVERFLOW, OVERFLOW, OVERFLOW)
+        self._token_requests[key] = self._token_requests.get(key, 0) + 1
 
     def set_token_states(self, states: TokenStates) -> None:
-        """``states()`` maps provider to a dict with ``seconds_left`` and ``state``."""
-        self._token_states.source = states
+        """``states()`` maps provider to a dict with ``seconds_left`` and ``state``; it is
+        called at each scrape."""
+        self._token_states = states
 
     def config_reloaded(self, ok: bool) -> None:
-        self.config_reloads.labels("success" if ok else "error").inc()
+        self._reloads["success" if ok else "error"] += 1
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # -- the collector side: called by the registry at scrape time
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._request_families()
+        yield from self._route_families()
+        yield from self._token_families()
+        reloads = CounterMetricFamily(
+            "tokenrelay_config_reload", "Config reloads by outcome", labels=["outcome"]
+        )
+        for outcome, n in self._reloads.items():
+            reloads.add_metric([outcome], n)
+        yield reloads
+
+    def _request_families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "tokenrelay_requests", "Requests answered", labels=["route", "method", "status"]
+        )
+        for (route, method, status), n in self._requests.items():
+            requests.add_metric([route, method, str(status)], n)
+        yield requests
+        yield GaugeMetricFamily(
+            "tokenrelay_requests_in_flight", "Requests being handled", value=self.in_flight_now
+        )
+
+    def _route_families(self) -> Iterator[Metric]:
+        stats = list(self._routes.values())
+        if self._overflow_route is not None:
+            stats.append(self._overflow_route)
+        yield _histograms(
+            "tokenrelay_request_duration_seconds",
+            "Time from arrival to the last byte sent",
+            [(rs.label, rs.duration) for rs in stats],
+        )
+        yield _histograms(
+            "tokenrelay_upstream_ttfb_seconds",
+            "Time from arrival to the first upstream response byte",
+            [(rs.label, rs.ttfb) for rs in stats],
+        )
+        received = CounterMetricFamily(
+            "tokenrelay_received_bytes", "Request body bytes from clients", labels=["route"]
+        )
+        sent = CounterMetricFamily(
+            "tokenrelay_sent_bytes", "Response body bytes to clients", labels=["route"]
+        )
+        replays = CounterMetricFamily(
+            "tokenrelay_replays", "Replays after an upstream 401", labels=["route", "outcome"]
+        )
+        errors = CounterMetricFamily(
+            "tokenrelay_upstream_errors", "Upstream failures by kind", labels=["route", "kind"]
+        )
+        for rs in stats:
+            received.add_metric([rs.label], rs.received)
+            sent.add_metric([rs.label], rs.sent)
+            for outcome, n in rs.replays.items():
+                replays.add_metric([rs.label, outcome], n)
+            for kind, n in rs.errors.items():
+                errors.add_metric([rs.label, kind], n)
+        yield from (received, sent, replays, errors)
+
+    def _token_families(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "tokenrelay_token_requests",
+            "Calls to token endpoints",
+            labels=["provider", "step", "outcome"],
+        )
+        for labels, n in self._token_requests.items():
+            calls.add_metric(list(labels), n)
+        yield calls
+        expiry = GaugeMetricFamily(
+            "tokenrelay_token_expiry_seconds",
+            "Seconds until the provider's current token expires",
+            labels=["provider"],
+        )
+        cooldown = GaugeMetricFamily(
+            "tokenrelay_token_cooldown",
+            "1 while the provider is cooling down after a failure",
+            labels=["provider"],
+        )
+        for provider, state in self._read_token_states().items():
+            left = state.get("seconds_left")
+            if isinstance(left, int | float):
+                expiry.add_metric([provider], float(left))
+            cooling = state.get("state") == "cooldown" or state.get("cooldown_seconds_left")
+            cooldown.add_metric([provider], 1.0 if cooling else 0.0)
+        yield from (expiry, cooldown)
+
+    def _read_token_states(self) -> Mapping[str, Mapping[str, object]]:
+        if self._token_states is None:
+            return {}
+        try:
+            return self._token_states()
+        except Exception:  # a scrape must not fail because the token registry misbehaves
+            return {}
+
+
+def _histograms(name: str, doc: str, rows: list[tuple[str, _Histogram]]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=["route"])
+    for label, hist in rows:
+        family.add_metric([label], hist.cumulative(), sum_value=hist.total)
+    return family
 
 
 # ---------------------------------------------------------------------------
