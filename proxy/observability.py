@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from contextlib import AbstractContextManager, contextmanager, suppress
 from functools import lru_cache
 from itertools import accumulate
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -32,7 +32,6 @@ from prometheus_client.metrics_core import (
 
 from proxy.forward.exchange import Exchange
 
-LogFormat = Literal["json", "console"]
 EventDict = MutableMapping[str, Any]
 TokenStates = Callable[[], Mapping[str, Mapping[str, object]]]
 
@@ -83,13 +82,14 @@ def _is_secret_key(key: str) -> bool:
 
 
 def _scrub(value: object) -> object:
-    if isinstance(value, str):
-        return _BEARER.sub(_MASKED_BEARER, value)
+    """Anything a renderer would turn into text (exceptions, URLs...) is scrubbed as text."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
     if isinstance(value, Mapping):
         return {k: MASK if _is_secret_key(str(k)) else _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_scrub(v) for v in value]
-    return value
+    return _BEARER.sub(_MASKED_BEARER, value if isinstance(value, str) else str(value))
 
 
 def redact(_logger: object, _method: str, event_dict: EventDict) -> EventDict:

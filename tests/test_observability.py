@@ -233,6 +233,7 @@ def test_redacted_lines_never_contain_the_secret(secret: str, key: str) -> None:
             "detail": f"authorization=bearer\t{secret}",
             "headers": {key: secret, "Accept": "application/json"},
             "history": [{key: secret}, f"Bearer {secret}"],
+            "cause": RuntimeError(f"401 for Bearer {secret}"),
         },
         logger,
     )
@@ -242,6 +243,7 @@ def test_redacted_lines_never_contain_the_secret(secret: str, key: str) -> None:
     assert line[key] == "***" and line["headers"][key] == "***"
     assert line["error"] == "upstream said: Bearer *** try later"
     assert line["headers"]["Accept"] == "application/json"
+    assert line["cause"] == "401 for Bearer ***"
 
 
 def test_configured_logging_redacts_structlog_and_stdlib(restore_logging: None) -> None:
