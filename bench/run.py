@@ -89,10 +89,11 @@ class Mode:
     duration: float
     warmup: float
     body: int
+    transfers: int
 
 
-FULL = Mode("full", duration=10.0, warmup=3.0, body=GIB)
-QUICK = Mode("quick", duration=2.0, warmup=1.0, body=64 * MIB)
+FULL = Mode("full", duration=10.0, warmup=3.0, body=GIB, transfers=2)
+QUICK = Mode("quick", duration=2.0, warmup=1.0, body=64 * MIB, transfers=1)
 
 
 class BenchError(Exception):
@@ -564,6 +565,7 @@ class Results:
     metrics_calls: float | None = None
     access_log_lines: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    measured: list[str] = field(default_factory=list)
     profile: str = ""
 
 
@@ -690,6 +692,7 @@ class Bench:
                 self.stack.check(target)
             except (BenchError, OSError) as exc:
                 self.skip(target.name, f"check failed: {exc}")
+        self.results.measured = [t.name for t in self.targets()]
         if shutil.which("wrk") is not None:
             self.small_responses()
         else:
@@ -735,15 +738,20 @@ class Bench:
                 self.results.peak_rss_mb[target.name] = rss.peak_kb * 1024 / 1e6
 
     def one_transfer(self, target: Target, kind: str, fn: Callable[[], Transfer]) -> None:
+        """Best of ``mode.transfers``: one slow transfer on a shared machine says little."""
         store = self.results.downloads if kind == "download" else self.results.uploads
-        try:
-            result = fn()
-        except (BenchError, subprocess.SubprocessError, ValueError, OSError) as exc:
-            self.results.notes.append(f"{target.name} {kind} failed: {exc}")
-            return
-        store[target.name] = result
-        if not result.ok:
-            self.results.notes.append(f"{target.name} {kind} incomplete: {result.detail}")
+        for _ in range(self.mode.transfers):
+            try:
+                result = fn()
+            except (BenchError, subprocess.SubprocessError, ValueError, OSError) as exc:
+                self.results.notes.append(f"{target.name} {kind} failed: {exc}")
+                return
+            if not result.ok:
+                self.results.notes.append(f"{target.name} {kind} incomplete: {result.detail}")
+                return
+            best = store.get(target.name)
+            if best is None or result.gbps > best.gbps:
+                store[target.name] = result
 
     def finish(self) -> None:
         for target in self.targets():
@@ -857,7 +865,8 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def ratio(a: float | None, b: float | None) -> str:
-    return "" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+    """Blank when either side is missing or not positive (a negative added latency is noise)."""
+    return "" if a is None or b is None or a < 0 or b <= 0 else f"{a / b:.2f}x"
 
 
 def verdict(ok: bool | None) -> str:
@@ -955,7 +964,7 @@ def token_row(r: Results) -> str:
     ok = got == 1 and r.metrics_calls == 1 and not others
     cell = f"{got if got is not None else 'n/a'} (metrics: {metrics})"
     extra = f" others: {others}" if others else ""
-    verdict_cell = verdict(ok) if TOKENRELAY in r.hwm_mb else ""
+    verdict_cell = verdict(ok) if TOKENRELAY in r.measured else ""
     return (
         f"| token calls, provider `{PROVIDER}` | — | {cell}{extra} | — | | | = 1 | {verdict_cell} |"
     )
@@ -969,7 +978,7 @@ def render(r: Results) -> str:
         "# Benchmark results",
         "",
         f"`make bench` ({m.name} mode: {m.duration:.0f} s per wrk run after a {m.warmup:.0f} s "
-        f"warm-up, {body} bodies), {when}.",
+        f"warm-up, {body} bodies, best of {m.transfers} per transfer), {when}.",
         "",
         "| machine | |",
         "|---|---|",
@@ -995,7 +1004,8 @@ def method_notes(r: Results) -> list[str]:
         "`--latency`; latency in ms; CPU is utime+stime of the proxy's process tree "
         "(/proc/PID/stat) over the measured run; RSS is the summed VmRSS of that tree, sampled "
         "every 10 ms; GB = 10⁹ bytes, MB = 10⁶ bytes. Transfers use curl to /dev/null and "
-        "`curl -T`. Ratios are tokenrelay's figure divided by the other's, same run.",
+        "`curl -T`. Ratios are tokenrelay's figure divided by the other's, same run; "
+        "a negative added latency means the difference is within the machine's noise.",
         "",
         f"Access-log lines written: {logs}.",
     ]
