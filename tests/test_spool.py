@@ -7,6 +7,8 @@ import gc
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -240,6 +242,26 @@ def test_spool_root_is_private_and_reused(tmp_path: Path) -> None:
     root.rmdir()
     again = spool_root(base)
     assert again.is_dir() and mode(again) == 0o700, "recreated when removed behind our back"
+
+
+def test_stale_roots_of_dead_processes_on_this_host_swept(tmp_path: Path) -> None:
+    mine = spool_root(tmp_path)
+    tag = mine.name.split("-")[2]
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(child.stdout)
+    stale = tmp_path / f"tokenrelay-{dead}-{tag}-x1"
+    stale.mkdir(mode=0o700)
+    (stale / "body-1").write_bytes(b"left by a crash")
+    live = tmp_path / f"tokenrelay-{os.getppid()}-{tag}-x2"
+    other_host = tmp_path / f"tokenrelay-{dead}-00000000-x3"
+    unrelated = tmp_path / "someone-else"
+    for d in (live, other_host, unrelated):
+        d.mkdir()
+    mine.rmdir()  # forces a new root, which sweeps
+    spool_root(tmp_path)
+    assert not stale.exists()
+    assert live.exists() and other_host.exists() and unrelated.exists()
 
 
 def test_default_spool_root_under_system_tempdir() -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 import weakref
@@ -24,6 +27,9 @@ from types import TracebackType
 from proxy.problems import ConfigError
 
 READ_CHUNK = 256 * 1024
+# Hosts sharing a spool volume must not take each other's live directories for stale ones.
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_ROOT_NAME = re.compile(r"tokenrelay-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-")
 _roots: dict[tuple[int, Path | None], Path] = {}
 _reader: ThreadPoolExecutor | None = None
 
@@ -36,7 +42,8 @@ def spool_root(configured: Path | None) -> Path:
     if root is not None and root.is_dir():
         return root
     base = _check_base(configured)
-    root = Path(tempfile.mkdtemp(prefix=f"tokenrelay-{os.getpid()}-", dir=base))
+    _sweep_stale(base)
+    root = Path(tempfile.mkdtemp(prefix=f"tokenrelay-{os.getpid()}-{_HOST_TAG}-", dir=base))
     _roots[key] = root
     atexit.register(_remove_root, root, os.getpid())
     return root
@@ -67,6 +74,27 @@ def _check_base(configured: Path | None) -> Path:
             str(configured), "", f"spool_dir must not be group or world writable (mode {mode})"
         )
     return base
+
+
+def _sweep_stale(base: Path) -> None:
+    """Remove spool directories left by crashed proxies on this host: they may hold bodies."""
+    for entry in base.iterdir():
+        m = _ROOT_NAME.match(entry.name)
+        if m is None or m["host"] != _HOST_TAG or _alive(int(m["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.lstat().st_uid == os.geteuid() and entry.is_dir():
+                shutil.rmtree(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_root(root: Path, pid: int) -> None:
