@@ -394,7 +394,11 @@ def upstream_conf(work: Path, port: int, docroot: Path) -> str:
 
 
 def nginx_proxy_conf(work: Path, port: int, upstream: str, backends: str) -> str:
-    """The equivalent proxy: pooled keep-alive upstreams, static token, streaming both ways."""
+    """The equivalent proxy: pooled keep-alive upstreams, static token, streaming both ways.
+
+    256 KiB buffers: with nginx's defaults (16 KiB client body buffer) uploads cost it twice
+    the CPU, and a baseline that is easy to beat would flatter tokenrelay.
+    """
     return (
         nginx_common(work, "nginx")
         + f"""  access_log {work}/nginx-access.log;
@@ -412,9 +416,10 @@ def nginx_proxy_conf(work: Path, port: int, upstream: str, backends: str) -> str
     proxy_request_buffering off;
     proxy_buffering on;
     proxy_max_temp_file_size 0;
-    proxy_buffer_size 64k;
-    proxy_buffers 8 64k;
-    proxy_busy_buffers_size 128k;
+    client_body_buffer_size 256k;
+    proxy_buffer_size 256k;
+    proxy_buffers 4 256k;
+    proxy_busy_buffers_size 512k;
     location /up/ {{ proxy_pass http://static_pool/; }}
     location /sink/ {{ proxy_pass http://sink_pool/sink/; }}
   }}
@@ -792,8 +797,8 @@ def profile_tokenrelay(target: Target, mode: Mode, script: Path, out: Path) -> s
     raw = out.with_suffix(".raw.txt")
     secs = max(2, round(mode.duration))
     argv = [
-        py_spy, "record", "--pid", str(target.pid), "--duration", str(secs), "--rate", "250",
-        "--format", "raw", "--nolineno", "--nonblocking", "--output", str(raw),
+        py_spy, "record", "--pid", str(target.pid), "--duration", str(secs), "--rate", "200",
+        "--format", "raw", "--nolineno", "--output", str(raw),
     ]  # fmt: skip
     log(f"profiling tokenrelay for {secs} s at 64 conn")
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -993,22 +998,27 @@ def render(r: Results) -> str:
     return "\n".join(lines + method_notes(r)) + "\n"
 
 
+METHOD = """How it was measured:
+
+- Everything on 127.0.0.1, started and stopped by `bench/run.py`, in one run.
+- Upstream: nginx, 1 worker, sendfile, serving a 100-byte file and a sparse body file.
+  Uploads go to an aiohttp sink (`bench/backends.py`) that reads every byte before answering.
+- tokenrelay: a client-credentials provider against the bench's token endpoint, default
+  settings otherwise, JSON access log on (stderr to a file).
+- nginx as proxy: 1 worker, `upstream {keepalive 64;}`, HTTP/1.1, `Connection ""`, static
+  `Authorization: Bearer`, X-Forwarded-For/Proto, streaming both ways
+  (`proxy_request_buffering off`, no temp files) with 256 KiB buffers, access log on.
+- Small responses: wrk, 1 thread, `--latency`, a warm-up run first; latency in ms.
+- Transfers: curl to /dev/null and `curl -T`, best of the runs; GB = 10^9 bytes.
+- CPU: utime+stime of the proxy's process tree (/proc/PID/stat) over the measured run.
+  RSS: summed VmRSS of that tree, sampled every 10 ms; MB = 10^6 bytes.
+- Ratios: tokenrelay's figure divided by the other's, same run. A negative added latency
+  means the difference is within the machine's noise."""
+
+
 def method_notes(r: Results) -> list[str]:
     logs = ", ".join(f"{k}: {v}" for k, v in r.access_log_lines.items()) or "n/a"
-    notes = [
-        "How it was measured: all on 127.0.0.1; upstream nginx (1 worker, sendfile) serves a "
-        "100-byte file and a sparse body file; uploads go to an aiohttp sink that reads every "
-        "byte before answering. nginx as proxy runs 1 worker, keep-alive pool of 64, "
-        "HTTP/1.1, static Bearer header, streaming both ways, access log on. tokenrelay runs "
-        "with a client-credentials provider, JSON access log on (to a file). wrk: 1 thread, "
-        "`--latency`; latency in ms; CPU is utime+stime of the proxy's process tree "
-        "(/proc/PID/stat) over the measured run; RSS is the summed VmRSS of that tree, sampled "
-        "every 10 ms; GB = 10⁹ bytes, MB = 10⁶ bytes. Transfers use curl to /dev/null and "
-        "`curl -T`. Ratios are tokenrelay's figure divided by the other's, same run; "
-        "a negative added latency means the difference is within the machine's noise.",
-        "",
-        f"Access-log lines written: {logs}.",
-    ]
+    notes = [METHOD, "", f"Access-log lines written: {logs}."]
     if r.notes:
         notes += ["", "Notes from this run:", "", *[f"- {n}" for n in r.notes]]
     return notes
