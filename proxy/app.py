@@ -165,6 +165,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         rt.draining = True
+        if rt.generation is not None:
+            await rt.generation.registry.aclose()
         await rt.session.close()
         await rt.token_session.close()
 

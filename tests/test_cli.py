@@ -23,7 +23,10 @@ PY = sys.executable
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "proxy", *args], capture_output=True, text=True, timeout=60,
+        [PY, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, **(env or {})},
     )
 
@@ -38,21 +41,34 @@ def test_version() -> None:
     ("body", "where", "problem"),
     [
         ("routes:\n  - prefix: /a/\n    upstream: ftp://x/\n", "routes[0].upstream", "http"),
-        ("routes:\n  - prefix: /a/\n    upstream: http://x/\n    colour: red\n",
-         "routes[0].colour", "unknown key"),
-        ("routes:\n  - {prefix: /a/, upstream: 'http://x/'}\n  - {prefix: /a, upstream: 'http://y/'}\n",
-         "routes[1].prefix", "duplicate prefix"),
-        ("routes:\n  - {prefix: /a/, upstream: 'http://x/', provider: nope}\n",
-         "routes[0].provider", "not defined"),
-        ("providers:\n  p: {grant: static, token: '${TR_TEST_UNSET}'}\n", "providers.p.token",
-         "TR_TEST_UNSET is not set"),
+        (
+            "routes:\n  - prefix: /a/\n    upstream: http://x/\n    colour: red\n",
+            "routes[0].colour",
+            "unknown key",
+        ),
+        (
+            "routes:\n  - {prefix: /a/, upstream: 'http://x/'}\n  - {prefix: /a, upstream: 'http://y/'}\n",
+            "routes[1].prefix",
+            "duplicate prefix",
+        ),
+        (
+            "routes:\n  - {prefix: /a/, upstream: 'http://x/', provider: nope}\n",
+            "routes[0].provider",
+            "not defined",
+        ),
+        (
+            "providers:\n  p: {grant: static, token: '${TR_TEST_UNSET}'}\n",
+            "providers.p.token",
+            "TR_TEST_UNSET is not set",
+        ),
         ("routes:\n  - {prefix: /-/x/, upstream: 'http://x/'}\n", "routes[0].prefix", "reserved"),
         ("listen: {port: many}\n", "listen.port", "integer"),
         ("routes: [\n", "", "invalid YAML"),
     ],
 )
-def test_check_names_file_key_and_problem(tmp_path: Path, body: str, where: str,
-                                          problem: str) -> None:
+def test_check_names_file_key_and_problem(
+    tmp_path: Path, body: str, where: str, problem: str
+) -> None:
     cfg = tmp_path / "routes.yaml"
     cfg.write_text(body)
     out = run_cli("check", "--config", str(cfg))
@@ -103,7 +119,7 @@ class Running:
                 if not raw:
                     raise AssertionError(f"process ended before {event!r}: {self.lines}")
                 try:
-                    line = json.loads(raw)
+                    line: dict[str, object] = json.loads(raw)
                 except ValueError:
                     continue
                 self.lines.append(line)
@@ -118,8 +134,15 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[Running, Path]]:
 
     async def start() -> Running:
         proc = await asyncio.create_subprocess_exec(
-            PY, "-m", "proxy", "--config", str(cfg), "--port", "0",
-            stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            PY,
+            "-m",
+            "proxy",
+            "--config",
+            str(cfg),
+            "--port",
+            "0",
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
         )
         r = Running(proc)
         line = await r.read_until("listening")

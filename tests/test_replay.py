@@ -49,8 +49,9 @@ class Gatekeeper:
         auth = request.headers.get("Authorization", "")
         if self.early and not self._verdict(auth):
             self.seen.append((auth, None, 0))
-            return web.json_response({"error": "expired"}, status=401,
-                                     headers={"Connection": "close"})
+            return web.json_response(
+                {"error": "expired"}, status=401, headers={"Connection": "close"}
+            )
         digest = hashlib.sha256()
         n = 0
         async for chunk in request.content.iter_any():
@@ -71,8 +72,14 @@ class Env:
 
 
 async def env_for(
-    start_proxy: StartProxy, start_upstream: StartUpstream, vendor: Simplifi, tmp_path: Path,
-    *, early: bool = False, replay: str = "{memory: 64KiB, max_body: 4MiB}", read: float = 5,
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    vendor: Simplifi,
+    tmp_path: Path,
+    *,
+    early: bool = False,
+    replay: str = "{memory: 64KiB, max_body: 4MiB}",
+    read: float = 5,
 ) -> Env:
     gate = Gatekeeper(early=early)
     up = await start_upstream(gate.app())
@@ -169,12 +176,15 @@ routes:
 
 
 async def test_ten_megabytes_replayed_byte_identical(
-    start_proxy: StartProxy, start_upstream: StartUpstream, client: aiohttp.ClientSession,
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    client: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     async with serve(Simplifi()) as vendor:
-        env = await env_for(start_proxy, start_upstream, vendor, tmp_path,
-                            replay="{memory: 1MiB, max_body: 20MiB}")
+        env = await env_for(
+            start_proxy, start_upstream, vendor, tmp_path, replay="{memory: 1MiB, max_body: 20MiB}"
+        )
         blob = os.urandom(10 * 1024 * 1024)
         async with client.put(env.proxy.url / "api" / "doc", data=blob) as resp:
             assert resp.status == 200
@@ -187,7 +197,9 @@ async def test_ten_megabytes_replayed_byte_identical(
 
 
 async def test_chunked_body_spooled_to_disk_replayed_after_early_401(
-    start_proxy: StartProxy, start_upstream: StartUpstream, client: aiohttp.ClientSession,
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    client: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     async with serve(Simplifi()) as vendor:
@@ -195,19 +207,24 @@ async def test_chunked_body_spooled_to_disk_replayed_after_early_401(
         blob = os.urandom(3 * 1024 * 1024 + 5)  # above memory (64 KiB): spooled to a file
         async with client.post(env.proxy.url / "api" / "up", data=body_chunks(blob)) as resp:
             assert resp.status == 200
-            assert (await resp.json()) == {"sha256": hashlib.sha256(blob).hexdigest(),
-                                           "len": len(blob)}
+            assert (await resp.json()) == {
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "len": len(blob),
+            }
         assert [s[1] for s in env.gate.seen] == [None, hashlib.sha256(blob).hexdigest()]
         assert spool_files(env.spool_dir) == []
 
 
 async def test_body_above_max_passes_401_and_next_request_succeeds(
-    start_proxy: StartProxy, start_upstream: StartUpstream, client: aiohttp.ClientSession,
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    client: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     async with serve(Simplifi()) as vendor:
-        env = await env_for(start_proxy, start_upstream, vendor, tmp_path,
-                            replay="{memory: 64KiB, max_body: 1MiB}")
+        env = await env_for(
+            start_proxy, start_upstream, vendor, tmp_path, replay="{memory: 64KiB, max_body: 1MiB}"
+        )
         env.gate.reject_first = 2
         blob = os.urandom(2 * 1024 * 1024)
         async with client.post(env.proxy.url / "api" / "big", data=body_chunks(blob)) as resp:
@@ -225,7 +242,9 @@ async def test_body_above_max_passes_401_and_next_request_succeeds(
 
 
 async def test_replay_401_again_goes_to_client_once(
-    start_proxy: StartProxy, start_upstream: StartUpstream, client: aiohttp.ClientSession,
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    client: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     async with serve(Simplifi()) as vendor:
@@ -260,12 +279,15 @@ async def test_replay_off_passes_401_but_renews(
 ) -> None:
     clock = FakeClock()
     async with serve(SimpleDocs(clock=clock)) as vendor:
-        proxy = await start_proxy(f"""
+        proxy = await start_proxy(
+            f"""
 providers:
   d: {provider_json(vendor)}
 routes:
   - {{prefix: /d/, upstream: "{vendor.url}/", provider: d, replay: {{enabled: false}}}}
-""", clock=clock)
+""",
+            clock=clock,
+        )
         async with client.get(proxy.url / "d" / "api" / "w") as resp:
             assert resp.status == 200
         vendor.revoke_all()
@@ -291,7 +313,7 @@ async def test_client_disconnect_mid_body_leaves_no_spool(
             done.set()
 
         observer.request_done = record  # type: ignore[method-assign]
-        reader, writer = await asyncio.open_connection("127.0.0.1", env.proxy.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", env.proxy.port)
         writer.write(b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = os.urandom(200_000)
         writer.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
@@ -305,11 +327,11 @@ async def test_stalled_client_after_early_401_meets_read_timeout(
     start_proxy: StartProxy, start_upstream: StartUpstream, tmp_path: Path
 ) -> None:
     async with serve(Simplifi()) as vendor:
-        env = await env_for(start_proxy, start_upstream, vendor, tmp_path, early=True,
-                            read=0.5)
+        env = await env_for(start_proxy, start_upstream, vendor, tmp_path, early=True, read=0.5)
         reader, writer = await asyncio.open_connection("127.0.0.1", env.proxy.port)
-        writer.write(b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"5\r\nhello\r\n")
+        writer.write(
+            b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         writer.close()
@@ -318,7 +340,9 @@ async def test_stalled_client_after_early_401_meets_read_timeout(
 
 
 async def test_problem_when_no_token_can_be_had(
-    start_proxy: StartProxy, start_upstream: StartUpstream, client: aiohttp.ClientSession,
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    client: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     async with serve(Simplifi()) as vendor:
