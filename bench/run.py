@@ -166,6 +166,9 @@ def machine_info() -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     commit = version_of(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], r"(\w+)")
+    dirty = version_of(["git", "-C", str(ROOT), "status", "--porcelain", "proxy"], r"(\S+)")
+    if dirty not in ("unknown", "not installed"):
+        commit += " + uncommitted changes in proxy/"
     return {
         "CPU": cpu,
         "cores": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)",
