@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.helpers import get_env_proxy_for_url
 from multidict import istr
 from yarl import URL
 
@@ -118,7 +119,17 @@ def _route_runtime(route: Route, loaded: Loaded, registry: TokenRegistry) -> Rou
         ssl=client_ssl(route.tls),
         server_hostname=server_hostname(route.tls),
         drop_headers=frozenset(drop),
+        proxy=env_proxy(up) if loaded.config.trust_env else None,
     )
+
+
+def env_proxy(url: URL) -> tuple[URL, aiohttp.BasicAuth | None] | None:
+    """``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` for this upstream, looked up once."""
+    try:
+        proxy, auth = get_env_proxy_for_url(url)
+    except LookupError:
+        return None
+    return proxy, auth
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
@@ -133,7 +144,7 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        trust_env=config.trust_env,
+        trust_env=False,  # resolved once per route (env_proxy): per request it costs a thread hop
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60),
         max_line_size=config.limits.max_line_size,
         max_field_size=config.limits.max_field_size,

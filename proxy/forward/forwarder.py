@@ -48,6 +48,7 @@ class RouteRuntime:
     ssl: ssl.SSLContext | bool
     server_hostname: str | None
     drop_headers: frozenset[str]
+    proxy: tuple[URL, aiohttp.BasicAuth | None] | None = None
 
     @property
     def replay(self) -> bool:
@@ -255,6 +256,8 @@ class Forwarder:
                 timeout=route.timeout,
                 ssl=route.ssl,
                 server_hostname=route.server_hostname,
+                proxy=route.proxy[0] if route.proxy else None,
+                proxy_auth=route.proxy[1] if route.proxy else None,
             )
         except _CLIENT_ERRORS as exc:
             raise _translate(exc) from exc
@@ -281,21 +284,25 @@ class Forwarder:
             length = len(resp.body)
         if length is not None and resp.status not in NO_BODY_STATUSES:
             out.content_length = length
+        complete = False
         try:
             if no_body:
                 await out.prepare(request)
+                complete = True
                 return out
             if isinstance(resp, _Buffered):
-                out.content_length = len(resp.body)
                 await out.prepare(request)
                 await out.write(resp.body)
                 ex.bytes_out += len(resp.body)
             else:
                 await self._stream(request, resp, out, ex)
+            complete = True
             await out.write_eof()
             return out
         finally:
-            resp.close()
+            # a fully read response gives its keep-alive connection back; anything else
+            # (client gone, upstream failed) must not reuse it
+            resp.release() if complete else resp.close()
 
     async def _stream(
         self,
@@ -352,6 +359,9 @@ class _Buffered:
 
     def close(self) -> None:
         """Nothing to release: the connection went back when the body was drained."""
+
+    def release(self) -> None:
+        """As ``close``."""
 
 
 _CLIENT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
