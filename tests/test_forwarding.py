@@ -14,7 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from tests.conftest import StartProxy, StartUpstream
-from tests.helpers import Echo, raw_exchange
+from tests.helpers import Echo, Recorder, raw_exchange
 
 
 def config(upstream: URL, *, provider: bool = True, extra_route: str = "") -> str:
@@ -276,3 +276,19 @@ async def test_websocket_proxied_with_token(
         msg = await asyncio.wait_for(ws.receive(), 5)
         assert msg.data == "echo:hi"
     assert seen_auth == ["Bearer tok-STATIC-123"]
+
+
+async def test_upstream_connections_are_kept_alive(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    recorder = Recorder()
+    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy(config(URL(f"http://127.0.0.1:{port}")))
+        for _ in range(5):
+            async with client.get(proxy.url / "svc" / "k") as resp:
+                assert await resp.read() == b"ok"
+        assert recorder.connections == 1
+    finally:
+        server.close()
