@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from aiohttp.helpers import get_env_proxy_for_url
 from multidict import istr
 from yarl import URL
 
-from proxy.config import Config, Listen, Loaded, Route
+from proxy.config import Config, Listen, Loaded, Provider, Route
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.routing import RouteTable, Target
@@ -56,6 +56,10 @@ class Generation:
         return self.loaded.config
 
 
+RegistryFactory = Callable[[Mapping[str, Provider], aiohttp.ClientSession], TokenRegistry]
+"""Builds the token registry at start-up; ``--workers`` swaps in one backed by a broker."""
+
+
 @dataclass
 class Runtime:
     """The process's shared state; ``generation`` is replaced whole on reload."""
@@ -70,14 +74,20 @@ class Runtime:
     spool_dir: Path | None = None
     draining: bool = False
     reloader: Callable[[], Awaitable[Loaded]] | None = None
+    registry_factory: RegistryFactory | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def build(self, loaded: Loaded, previous: TokenRegistry | None) -> Generation:
-        assert self.session is not None
+        assert self.token_session is not None
         providers = loaded.config.providers
-        if previous is None:
+        if previous is None and self.registry_factory is not None:
+            registry = self.registry_factory(providers, self.token_session)
+        elif previous is None:
             registry = TokenRegistry(
-                providers, self.session, clock=self.clock, on_event=self.observer.token_event
+                providers,
+                self.token_session,
+                clock=self.clock,
+                on_event=self.observer.token_event,
             )
         else:
             registry = previous.rebuild(providers)
@@ -195,9 +205,12 @@ def create_app(
     *,
     clock: Clock = system_clock,
     admin_on_main: bool = True,
+    registry_factory: RegistryFactory | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=1024**2)
-    app[RUNTIME] = Runtime(loaded=loaded, clock=clock, observer=observer)
+    app[RUNTIME] = Runtime(
+        loaded=loaded, clock=clock, observer=observer, registry_factory=registry_factory
+    )
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_route("*", "/{tail:.*}", _handler(admin_on_main))
     return app
