@@ -19,7 +19,6 @@ from typing import Any, Protocol
 from urllib.parse import quote_plus
 
 import aiohttp
-import jwt
 
 from proxy.config import Provider
 from proxy.problems import TokenError
@@ -374,6 +373,8 @@ def _jwt_exp(value: str) -> float | None:
     """The ``exp`` claim when the token is a JWT; read, not trusted (it is not ours to verify)."""
     if value.count(".") != 2:
         return None
+    import jwt  # imported on first use: PyJWT costs ~19 MB of RSS, most tokens never need it
+
     try:
         claims = jwt.decode(value, options={"verify_signature": False, "verify_exp": False})
     except jwt.PyJWTError:
