@@ -14,7 +14,7 @@ $(BIN)/tokenrelay: pyproject.toml
 install: $(BIN)/tokenrelay
 
 run: install
-	$(BIN)/python -m proxy.demo_run --config $(CONFIG)
+	$(BIN)/python -m proxy.demo_run --config $(CONFIG) --log-format console
 
 lint: install
 	$(BIN)/ruff check proxy tests bench
