@@ -345,7 +345,7 @@ async def _renew(rt: Runtime, provider: str) -> web.StreamResponse:
 
 
 async def start_runner(
-    app: web.Application, cfg: Config, listen: Listen
+    app: web.Application, cfg: Config, listen: Listen, *, reuse_port: bool = False
 ) -> tuple[web.AppRunner, int]:
     """Start serving ``app``; returns the runner and the port actually bound."""
     limits = cfg.limits
@@ -361,7 +361,7 @@ async def start_runner(
         keepalive_timeout=limits.keepalive_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port, backlog=1024)
+    site = web.TCPSite(runner, listen.host, listen.port, backlog=1024, reuse_port=reuse_port)
     await site.start()
     addresses = [a for a in runner.addresses if isinstance(a, tuple)]
     port = int(addresses[-1][1]) if addresses else listen.port
