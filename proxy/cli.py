@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (overrides listen.host)")
     p.add_argument("--port", type=int, help="listen port (overrides listen.port)")
     p.add_argument("--log-format", choices=("json", "console"), default="json")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port and tokens")
     return p
 
 
@@ -73,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tokenrelay: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     _install_uvloop()
+    if args.workers > 1:
+        from proxy.workers import supervise
+
+        path = _config_path(args.config)
+        return asyncio.run(supervise(loaded, args.workers, args.log_format, path))
     return asyncio.run(
         serve(loaded, args.log_format, _config_path(args.config), args.host, args.port)
     )

@@ -1,0 +1,400 @@
+"""``--workers N``: N processes on one port (SO_REUSEPORT) that share one token per provider.
+
+The parent keeps the only real ``TokenRegistry`` (single flight, refresh ahead, cool-down)
+behind a broker on a Unix socket of mode 0600 in a 0700 directory: token values cross nothing
+else. Each worker wraps the broker in a ``CachedTokenSource``, so it asks the broker only when
+its copy nears expiry, and a 401 seen by any number of workers renews the shared token once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.app import RUNTIME, create_admin_app, create_app, make_token_session, start_runner
+from proxy.cli import EXIT_CONFIG, _install_uvloop, _load_for_run, _sighup
+from proxy.config import Listen, Loaded, Provider
+from proxy.observability import Observer, configure_logging
+from proxy.problems import ConfigError, TokenError
+from proxy.tokens.cache import CachedTokenSource
+from proxy.tokens.registry import TokenRegistry
+from proxy.tokens.source import Token, system_clock
+
+log = structlog.get_logger("tokenrelay")
+WORKER_HEADER = "X-Tokenrelay-Worker"  # on admin answers: which worker the kernel picked
+_TOKEN_FIELDS = ("value", "expires_at", "obtained_at", "token_type", "scope")
+_ERROR_FIELDS = ("detail", "code", "status", "retry_after", "credential_failure")
+_FROM_PARENT: ContextVar[bool] = ContextVar("reload_from_parent", default=False)
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` in the background, held here so the task is not collected mid-way."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+# -- the parent: broker and supervisor ---------------------------------------------------------
+
+
+class Supervisor:
+    """Holds the real token registry, serves it on the broker socket, keeps N workers alive."""
+
+    def __init__(self, loaded: Loaded, argv: list[str], path: str, registry: TokenRegistry) -> None:
+        self.loaded, self.argv, self.path, self.registry = loaded, argv, path, registry
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.stopping = False
+        self._reload_lock = asyncio.Lock()
+
+    def broker_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/token/{name}", self._token)
+        app.router.add_post("/reload", self._reload_for)
+        return app
+
+    async def _token(self, request: web.Request) -> web.Response:
+        """``stale``: the value a worker saw rejected; only the current token is dropped."""
+        name, body = request.match_info["name"], await request.json()
+        try:
+            source = self.registry.sources.get(name)
+            if source is None:
+                raise TokenError(name, f"provider {name} unknown to the broker: reload the parent")
+            if isinstance(body.get("stale"), str):
+                source.invalidate(Token(body["stale"], expires_at=0.0, obtained_at=0.0))
+            token = await (source.renew() if body.get("renew") else source.token())
+        except TokenError as err:
+            return web.json_response({"error": {f: getattr(err, f) for f in _ERROR_FIELDS}})
+        return web.json_response({"token": {f: getattr(token, f) for f in _TOKEN_FIELDS}})
+
+    async def _reload_for(self, request: web.Request) -> web.Response:
+        """A worker's admin /-/reload: everyone but that worker (it reloads itself) follows."""
+        problem = await self.reload(exclude=int((await request.json())["pid"]))
+        return web.json_response({"problem": problem})
+
+    async def reload(self, exclude: int | None = None) -> str | None:
+        """Rebuild the registry (unchanged providers keep their tokens), then SIGHUP workers."""
+        async with self._reload_lock:
+            listen = self.loaded.config.listen
+            try:
+                loaded = await asyncio.to_thread(_load_for_run, self.path, listen.host, listen.port)
+            except ConfigError as err:
+                log.error("reload failed, config unchanged", file=err.file, key_path=err.path)
+                return str(err)
+            self.loaded, self.registry = loaded, self.registry.rebuild(loaded.config.providers)
+            for proc in self.procs.values():
+                if proc.returncode is None and proc.pid != exclude:
+                    proc.send_signal(signal.SIGHUP)
+            log.info("reloaded", providers=sorted(loaded.config.providers), workers=len(self.procs))
+            return None
+
+    async def keep_running(self, index: int) -> None:
+        """Restart a worker that dies; quickly repeated deaths back off up to 30 s."""
+        loop, crashes = asyncio.get_running_loop(), 0
+        while not self.stopping:
+            started = loop.time()
+            argv = [*self.argv, "--index", str(index)]
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                start_new_session=True,  # no tty ^C: we forward
+            )
+            self.procs[index] = proc
+            code = await proc.wait()
+            if self.stopping:
+                return
+            crashes = 0 if loop.time() - started > 60 else crashes + 1
+            delay = min(2.0**crashes - 1, 30.0)
+            log.error("worker died", worker=index, pid=proc.pid, exit_code=code, restart_in=delay)
+            await asyncio.sleep(delay)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM every worker; each drains within ``grace``, stragglers are killed after."""
+        self.stopping = True
+        live = [p for p in self.procs.values() if p.returncode is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        if not live:
+            return
+        waits = [asyncio.ensure_future(p.wait()) for p in live]
+        _, late = await asyncio.wait(waits, timeout=grace + 5)
+        for proc in live:
+            if proc.returncode is None:
+                proc.kill()
+        if late:
+            await asyncio.wait(late)
+
+
+def _reserve(listen: Listen) -> socket.socket:
+    """Bind (never listen on) the port, so port 0 becomes one port all workers share."""
+    family, kind, _, _, addr = socket.getaddrinfo(
+        listen.host, listen.port, type=socket.SOCK_STREAM
+    )[0]
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(addr)
+    return sock
+
+
+async def supervise(loaded: Loaded, workers: int, log_format: str, config_path: str) -> int:
+    """The parent of ``--workers N``: runs until SIGTERM/SIGINT; SIGHUP reloads everyone."""
+    cfg = loaded.config
+    reserved = [_reserve(cfg.listen)] + ([_reserve(cfg.admin)] if cfg.admin else [])
+    home = Path(tempfile.mkdtemp(prefix="tokenrelay-broker-"))  # mode 0700
+    sock_path = home / "broker.sock"
+    ports = [str(s.getsockname()[1]) for s in reserved]
+    argv = [sys.executable, "-m", "proxy.workers", "--config", config_path, "--log-format"]
+    argv += [log_format, "--host", cfg.listen.host, "--port", ports[0], "--broker", str(sock_path)]
+    argv += ["--admin-port", ports[1]] if cfg.admin else []
+    token_session = make_token_session(cfg)
+    observer = Observer(log_format)
+    registry = TokenRegistry(cfg.providers, token_session, on_event=observer.token_event)
+    sup = Supervisor(loaded, argv, config_path, registry)
+    runner = web.AppRunner(sup.broker_app(), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.UnixSite(runner, str(sock_path)).start()
+        sock_path.chmod(0o600)
+        tasks = [asyncio.ensure_future(sup.keep_running(i)) for i in range(workers)]
+        log.info("started workers", workers=workers, port=int(ports[0]), broker=str(sock_path))
+        await _until_stopped(sup)
+        log.info("shutting down", grace_seconds=cfg.shutdown_grace, workers=workers)
+        await sup.stop(sup.loaded.config.shutdown_grace)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await runner.cleanup()
+        await sup.registry.aclose()
+        await token_session.close()
+        for s in reserved:
+            s.close()
+        shutil.rmtree(home, ignore_errors=True)
+    log.info("stopped")
+    return 0
+
+
+async def _until_stopped(sup: Supervisor) -> None:
+    stop = asyncio.Event()
+
+    def stopping() -> None:
+        sup.stopping = True  # before any worker's exit is seen, so none is restarted
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping)
+    loop.add_signal_handler(signal.SIGINT, stopping)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(sup.reload()))
+    await stop.wait()
+
+
+# -- the worker: a registry of brokered sources -------------------------------------------------
+
+
+class BrokerClient:
+    """The worker's end of the broker socket."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._session: aiohttp.ClientSession | None = None
+
+    async def call(self, route: str, body: Mapping[str, Any], provider: str = "") -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(self._path))
+        try:
+            async with self._session.post(f"http://broker{route}", json=body) as resp:
+                resp.raise_for_status()
+                return await resp.json()
+        except (aiohttp.ClientError, ValueError):
+            raise TokenError(provider, "the token broker is unreachable", status=503) from None
+
+    async def token(self, provider: str, stale: str | None, renew: bool = False) -> Token:
+        answer = await self.call(f"/token/{provider}", {"stale": stale, "renew": renew}, provider)
+        if "error" in answer:
+            err = answer["error"]
+            raise TokenError(provider, err.pop("detail"), **err)
+        return Token(**answer["token"])
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _BrokerGrant:
+    """A ``Grant`` that asks the broker, telling it which token this worker saw rejected."""
+
+    def __init__(self, name: str, client: BrokerClient) -> None:
+        self.name, self.client = name, client
+        self.stale: str | None = None
+
+    async def fetch(self, current: Token | None) -> tuple[Token, str]:
+        stale, self.stale = self.stale, None
+        return await self.client.token(self.name, stale), "broker"
+
+
+class BrokeredTokenSource(CachedTokenSource):
+    """A worker's copy of the broker's token: local single flight and refresh ahead; no local
+    cool-down or retries, since the broker already applies them."""
+
+    def __init__(self, name: str, client: BrokerClient, provider: Provider) -> None:
+        self._broker = _BrokerGrant(name, client)
+        retry = provider.retry.model_copy(update={"attempts": 1})
+        super().__init__(
+            name,
+            self._broker,
+            clock=system_clock,
+            refresh_ahead=provider.refresh_ahead,
+            retry=retry,
+            cooldown=0.0,
+        )
+
+    def invalidate(self, stale: Token) -> None:
+        super().invalidate(stale)
+        self._broker.stale = stale.value
+
+    async def renew(self) -> Token:
+        await self._broker.client.token(self.name, None, renew=True)
+        return await super().renew()
+
+
+class BrokeredRegistry(TokenRegistry):
+    """A ``TokenRegistry`` whose sources are brokered; ``rebuild`` keeps it that way."""
+
+    def __init__(
+        self,
+        client: BrokerClient,
+        providers: Mapping[str, Provider],
+        session: aiohttp.ClientSession,
+        _keep: Mapping[str, tuple[str, CachedTokenSource]] | None = None,
+    ) -> None:
+        self._client = client
+        super().__init__(providers, session, _keep=_keep)
+
+    def rebuild(self, new_providers: Mapping[str, Provider]) -> TokenRegistry:
+        keep = {name: (self._fingerprints[name], s) for name, s in self.sources.items()}
+        return BrokeredRegistry(self._client, new_providers, self._session, _keep=keep)
+
+    def _build(self, name: str, provider: Provider) -> CachedTokenSource:
+        return BrokeredTokenSource(name, self._client, provider)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._client.close()
+
+
+# -- the worker process -------------------------------------------------------------------------
+
+
+def _worker_load(args: argparse.Namespace) -> Loaded:
+    loaded = _load_for_run(args.config, args.host, args.port)
+    admin = loaded.config.admin
+    if admin is not None and args.admin_port is not None:
+        listen = Listen(host=admin.host, port=args.admin_port)
+        loaded.config = loaded.config.model_copy(update={"admin": listen})
+    return loaded
+
+
+async def _worker(args: argparse.Namespace, loaded: Loaded) -> int:
+    cfg, client = loaded.config, BrokerClient(args.broker)
+    app = create_app(
+        loaded,
+        Observer(args.log_format),
+        admin_on_main=cfg.admin is None,
+        registry_factory=lambda providers, session: BrokeredRegistry(client, providers, session),
+    )
+    app[RUNTIME].reloader = lambda: _reload_via_parent(args, client)
+    app.on_response_prepare.append(_tag(str(args.index)))
+    runners = [(await start_runner(app, cfg, cfg.listen, reuse_port=True))[0]]
+    if cfg.admin is not None:
+        admin_app = create_admin_app(app)
+        admin_app.on_response_prepare.append(_tag(str(args.index)))
+        runners.append((await start_runner(admin_app, cfg, cfg.admin, reuse_port=True))[0])
+    log.info(
+        "listening",
+        worker=args.index,
+        pid=os.getpid(),
+        address=f"http://{cfg.listen.host}:{args.port}",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_from_parent, app)
+    orphaned = asyncio.ensure_future(_parent_gone())
+    orphaned.add_done_callback(lambda _: stop.set())
+    await stop.wait()
+    orphaned.cancel()
+    log.info("shutting down", worker=args.index, grace_seconds=cfg.shutdown_grace)
+    app[RUNTIME].draining = True
+    for runner in reversed(runners):
+        await runner.cleanup()
+    log.info("stopped", worker=args.index)
+    return 0
+
+
+def _reload_from_parent(app: web.Application) -> None:
+    token = _FROM_PARENT.set(True)
+    _spawn(_sighup(app))  # the task keeps the context it was created in
+    _FROM_PARENT.reset(token)
+
+
+async def _reload_via_parent(args: argparse.Namespace, client: BrokerClient) -> Loaded:
+    """Admin /-/reload reaches one worker: the parent reloads the broker and the others."""
+    if _FROM_PARENT.get():
+        return await asyncio.to_thread(_worker_load, args)
+    answer = await client.call("/reload", {"pid": os.getpid()})
+    if answer["problem"] is not None:
+        raise ConfigError(args.config, "", answer["problem"])
+    return await asyncio.to_thread(_worker_load, args)
+
+
+def _tag(index: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def tag(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.startswith("/-/"):
+            response.headers[WORKER_HEADER] = index
+
+    return tag
+
+
+async def _parent_gone() -> None:
+    """Our stdin is a pipe the parent holds: EOF means it died, and we must not linger."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await reader.read()
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tokenrelay worker")
+    for flag in ("--config", "--host", "--broker", "--log-format"):
+        p.add_argument(flag, required=True)
+    for flag in ("--port", "--index"):
+        p.add_argument(flag, type=int, required=True)
+    p.add_argument("--admin-port", type=int)
+    args = p.parse_args(argv)
+    configure_logging(args.log_format)
+    try:
+        loaded = _worker_load(args)
+    except ConfigError as err:
+        print(f"tokenrelay worker: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    _install_uvloop()
+    return asyncio.run(_worker(args, loaded))
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main())

@@ -1,0 +1,198 @@
+"""``--workers N`` as a user runs it: real processes sharing one port and one token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from proxy.workers import WORKER_HEADER
+from tests.helpers import provider_json
+from tests.vendors import Simplifi, serve
+
+Line = dict[str, object]
+
+
+class Cluster:
+    """A ``--workers`` parent; its stderr (its own and its workers' lines) is read throughout,
+    so a full pipe never stalls a worker."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[Line] = []
+        self._arrived = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+        self.url = URL()
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:
+                self.lines.append({"event": "text", "text": raw.decode(errors="replace")})
+            self._arrived.set()
+        self._arrived.set()
+
+    async def wait_for(self, test: Callable[[list[Line]], bool], what: str) -> None:
+        async with asyncio.timeout(20):
+            while not test(self.lines):
+                if self._reader.done():
+                    raise AssertionError(f"parent's stderr ended before {what}: {self.lines}")
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    def events(self, event: str) -> list[Line]:
+        return [line for line in self.lines if line.get("event") == event]
+
+    async def count(self, event: str, n: int) -> list[Line]:
+        await self.wait_for(lambda _: len(self.events(event)) >= n, f"{n} x {event}")
+        return self.events(event)
+
+    def live_workers(self) -> dict[int, int]:
+        """index -> pid, from the latest "listening" line of each worker."""
+        return {int(str(ln["worker"])): int(str(ln["pid"])) for ln in self.events("listening")}
+
+
+@pytest.fixture
+async def vendor() -> AsyncIterator[Simplifi]:
+    async with serve(Simplifi()) as v:
+        yield v
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, vendor: Simplifi) -> AsyncIterator[Cluster]:
+    cfg = tmp_path / "routes.yaml"
+    cfg.write_text(config(vendor, "/s/"))
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "proxy", "--config", str(cfg), "--port", "0", "--workers", "3"),
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    c = Cluster(proc)
+    started = (await c.count("started workers", 1))[0]
+    c.url = URL(f"http://127.0.0.1:{started['port']}")
+    await c.count("listening", 3)
+    yield c
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+    c._reader.cancel()
+
+
+def config(vendor: Simplifi, prefix: str) -> str:
+    return (
+        f"providers:\n  s: {provider_json(vendor)}\n"
+        f'routes:\n  - {{prefix: {prefix}, upstream: "{vendor.url}/", provider: s}}\n'
+        "shutdown_grace: 5\n"
+    )
+
+
+async def fire(url: URL, n: int) -> list[int]:
+    """``n`` GETs, each on a fresh connection so the kernel spreads them over the workers."""
+    connector = aiohttp.TCPConnector(force_close=True, limit=20)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> int:
+            async with session.get(url) as resp:
+                body = await resp.json()
+                assert resp.status == 200, body
+                return int(body["token_serial"])
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def workers_answering(c: Cluster, n: int = 30) -> set[str]:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        seen = set()
+        for _ in range(n):
+            async with session.get(c.url / "-" / "health") as resp:
+                seen.add(resp.headers[WORKER_HEADER])
+        return seen
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def exited(pid: int) -> None:
+    """Wait (event driven, via a pidfd) until ``pid`` is gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    gone = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(fd, gone.set)
+    try:
+        async with asyncio.timeout(20):
+            await gone.wait()
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_workers_share_one_token_and_one_renewal(cluster: Cluster, vendor: Simplifi) -> None:
+    assert len(await workers_answering(cluster)) >= 2
+    api = cluster.url / "s" / "api" / "items"
+    assert set(await fire(api, 300)) == {1}
+    assert vendor.calls["token"] == 1
+    vendor.revoke_all()  # every worker's copy now gets 401: they must share one renewal
+    assert set(await fire(api, 300)) == {2}
+    assert vendor.calls["token"] == 2
+
+
+async def test_sigterm_stops_everyone_and_removes_the_broker(cluster: Cluster) -> None:
+    broker = Path(str(cluster.events("started workers")[0]["broker"]))
+    assert mode(broker.parent) == 0o700
+    assert mode(broker) == 0o600
+    pids = cluster.live_workers().values()
+    cluster.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(cluster.proc.wait(), 20) == 0
+    assert not broker.parent.exists()
+    for pid in pids:
+        await exited(pid)
+    assert len(cluster.events("stopped")) == 4  # three workers and the parent
+
+
+async def test_a_dead_worker_is_replaced_and_gets_the_shared_token(
+    cluster: Cluster, vendor: Simplifi
+) -> None:
+    await fire(cluster.url / "s" / "api" / "x", 30)
+    os.kill(cluster.live_workers()[1], signal.SIGKILL)
+    died = (await cluster.count("worker died", 1))[0]
+    assert died["worker"] == 1
+    await cluster.count("listening", 4)
+    assert set(await fire(cluster.url / "s" / "api" / "x", 60)) == {1}
+    assert vendor.calls["token"] == 1
+
+
+async def test_sighup_reloads_parent_and_workers_keeping_the_token(
+    cluster: Cluster, vendor: Simplifi, tmp_path: Path
+) -> None:
+    await fire(cluster.url / "s" / "api" / "x", 30)
+    (tmp_path / "routes.yaml").write_text(config(vendor, "/t/"))
+    cluster.proc.send_signal(signal.SIGHUP)
+    await cluster.count("reloaded", 4)  # the parent's broker, then each worker
+    assert set(await fire(cluster.url / "t" / "api" / "x", 60)) == {1}
+    async with aiohttp.ClientSession() as session, session.get(cluster.url / "s" / "api") as resp:
+        assert resp.status == 404
+    assert vendor.calls["token"] == 1
+
+
+async def test_workers_leave_when_the_parent_is_killed(cluster: Cluster) -> None:
+    pids = cluster.live_workers().values()
+    cluster.proc.kill()
+    await cluster.proc.wait()
+    for pid in pids:
+        await exited(pid)
