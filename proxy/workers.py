@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -31,8 +32,9 @@ from proxy.config import Listen, Loaded, Provider
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, TokenError
 from proxy.tokens.cache import CachedTokenSource
+from proxy.tokens.grants import EventSink
 from proxy.tokens.registry import TokenRegistry
-from proxy.tokens.source import Token, system_clock
+from proxy.tokens.source import Clock, Token, system_clock
 
 log = structlog.get_logger("tokenrelay")
 WORKER_HEADER = "X-Tokenrelay-Worker"  # on admin answers: which worker the kernel picked
@@ -237,29 +239,42 @@ class BrokerClient:
 class _BrokerGrant:
     """A ``Grant`` that asks the broker, telling it which token this worker saw rejected."""
 
-    def __init__(self, name: str, client: BrokerClient) -> None:
-        self.name, self.client = name, client
+    def __init__(self, name: str, client: BrokerClient, clock: Clock) -> None:
+        self.name, self.client, self.clock = name, client, clock
         self.stale: str | None = None
 
     async def fetch(self, current: Token | None) -> tuple[Token, str]:
         stale, self.stale = self.stale, None
-        return await self.client.token(self.name, stale), "broker"
+        token = await self.client.token(self.name, stale)
+        if current is not None and token.value == current.value:
+            # The broker is still refreshing ahead: counted from now, the refresh-ahead point
+            # comes at half of what is left, so re-asking backs off instead of going per request.
+            token = dataclasses.replace(token, obtained_at=self.clock())
+        return token, "broker"
 
 
 class BrokeredTokenSource(CachedTokenSource):
     """A worker's copy of the broker's token: local single flight and refresh ahead; no local
     cool-down or retries, since the broker already applies them."""
 
-    def __init__(self, name: str, client: BrokerClient, provider: Provider) -> None:
-        self._broker = _BrokerGrant(name, client)
+    def __init__(
+        self,
+        name: str,
+        client: BrokerClient,
+        provider: Provider,
+        clock: Clock,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self._broker = _BrokerGrant(name, client, clock)
         retry = provider.retry.model_copy(update={"attempts": 1})
         super().__init__(
             name,
             self._broker,
-            clock=system_clock,
+            clock=clock,
             refresh_ahead=provider.refresh_ahead,
             retry=retry,
             cooldown=0.0,
+            on_event=on_event,
         )
 
     def invalidate(self, stale: Token) -> None:
@@ -279,17 +294,27 @@ class BrokeredRegistry(TokenRegistry):
         client: BrokerClient,
         providers: Mapping[str, Provider],
         session: aiohttp.ClientSession,
+        *,
+        clock: Clock = system_clock,
+        on_event: EventSink | None = None,  # the parent logs the real token events
         _keep: Mapping[str, tuple[str, CachedTokenSource]] | None = None,
     ) -> None:
         self._client = client
-        super().__init__(providers, session, _keep=_keep)
+        super().__init__(providers, session, clock=clock, on_event=on_event, _keep=_keep)
 
     def rebuild(self, new_providers: Mapping[str, Provider]) -> TokenRegistry:
         keep = {name: (self._fingerprints[name], s) for name, s in self.sources.items()}
-        return BrokeredRegistry(self._client, new_providers, self._session, _keep=keep)
+        return BrokeredRegistry(
+            self._client,
+            new_providers,
+            self._session,
+            clock=self._clock,
+            on_event=self._on_event,
+            _keep=keep,
+        )
 
     def _build(self, name: str, provider: Provider) -> CachedTokenSource:
-        return BrokeredTokenSource(name, self._client, provider)
+        return BrokeredTokenSource(name, self._client, provider, self._clock, self._on_event)
 
     async def aclose(self) -> None:
         await super().aclose()

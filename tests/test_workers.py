@@ -13,11 +13,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from yarl import URL
 
-from proxy.workers import WORKER_HEADER
+from proxy.config import parse_config
+from proxy.problems import TokenError
+from proxy.tokens.registry import TokenRegistry
+from proxy.workers import WORKER_HEADER, BrokerClient, BrokeredRegistry, Supervisor
 from tests.helpers import provider_json
-from tests.vendors import Simplifi, serve
+from tests.vendors import Events, FakeClock, Simplifi, serve
 
 Line = dict[str, object]
 
@@ -196,3 +200,105 @@ async def test_workers_leave_when_the_parent_is_killed(cluster: Cluster) -> None
     await cluster.proc.wait()
     for pid in pids:
         await exited(pid)
+
+
+# -- one worker's registry against a real broker, in this process, on an injected clock ------
+
+
+class Brokered:
+    """A broker (the parent's half) on a Unix socket, and one worker's registry using it."""
+
+    def __init__(self, vendor: Simplifi, clock: FakeClock, sock: Path) -> None:
+        providers = parse_config(f"providers:\n  s: {provider_json(vendor)}\n").config.providers
+        self.session = aiohttp.ClientSession()
+        self.parent_events, self.worker_events = Events(), Events()
+        parent = TokenRegistry(providers, self.session, clock=clock, on_event=self.parent_events)
+        self.sup = Supervisor(parse_config(""), [], "", parent)
+        self.broker_calls = 0
+        self.sock = sock
+        client = BrokerClient(str(sock))
+        self.worker = BrokeredRegistry(
+            client, providers, self.session, clock=clock, on_event=self.worker_events
+        )
+        self.runner = web.AppRunner(self.sup.broker_app())
+
+    async def start(self) -> None:
+        async def count(_: web.Request, __: web.StreamResponse) -> None:
+            self.broker_calls += 1
+
+        self.runner.app.on_response_prepare.append(count)
+        await self.runner.setup()
+        await web.UnixSite(self.runner, str(self.sock)).start()
+
+    async def close(self) -> None:
+        await self.worker.aclose()
+        await self.runner.cleanup()
+        await self.session.close()
+
+
+@pytest.fixture
+async def brokered(tmp_path: Path) -> AsyncIterator[tuple[Brokered, Simplifi, FakeClock]]:
+    clock = FakeClock()
+    async with serve(Simplifi(clock=clock, lifetime=1000)) as vendor:
+        b = Brokered(vendor, clock, tmp_path / "b.sock")
+        await b.start()
+        yield b, vendor, clock
+        await b.close()
+
+
+async def test_worker_asks_the_broker_only_near_expiry_and_backs_off(
+    brokered: tuple[Brokered, Simplifi, FakeClock],
+) -> None:
+    b, vendor, clock = brokered
+    src = b.worker.sources["s"]
+    first = await asyncio.gather(*(src.token() for _ in range(20)))
+    assert {t.value for t in first} == {vendor.issued[0].value}
+    for _ in range(50):
+        await src.token()
+    assert (b.broker_calls, vendor.calls["token"]) == (1, 1)
+    clock.advance(950)  # 50 s left: both sides are in the refresh-ahead window (100 s)
+    worker_done = b.worker_events.expect("token_refreshed_ahead")
+    parent_done = b.parent_events.expect("token_refreshed_ahead")
+    assert (await src.token()).value == vendor.issued[0].value
+    await worker_done  # with the old token: the broker's refresh was still under way
+    await parent_done
+    assert (b.broker_calls, vendor.calls["token"]) == (2, 2)
+    for _ in range(50):
+        assert (await src.token()).value == vendor.issued[0].value
+    assert src.state()["state"] == "valid"  # no re-asking per request meanwhile
+    clock.advance(30)  # past half of what was left
+    worker_done = b.worker_events.expect("token_refreshed_ahead")
+    await src.token()
+    await worker_done
+    assert (await src.token()).value == vendor.issued[1].value
+    assert (b.broker_calls, vendor.calls["token"]) == (3, 2)
+
+
+async def test_broker_refusal_reaches_the_worker_with_its_cooldown(
+    brokered: tuple[Brokered, Simplifi, FakeClock],
+) -> None:
+    b, vendor, _ = brokered
+    body = {"error": "invalid_client", "error_description": "bad secret"}
+    vendor.fail_next(401, body, endpoint="token")
+    src = b.worker.sources["s"]
+    with pytest.raises(TokenError) as first:
+        await src.token()
+    assert first.value.code == "invalid_client"
+    with pytest.raises(TokenError) as second:
+        await src.token()
+    assert second.value.status == 503
+    assert second.value.retry_after is not None
+    assert vendor.calls["token"] == 1  # the broker's cool-down held; the worker has none
+    assert b.broker_calls == 2
+
+
+async def test_unreachable_broker_is_a_503(tmp_path: Path) -> None:
+    loaded = parse_config("providers:\n  p: {grant: static, token: 'SECRET-MARKER-9'}\n")
+    async with aiohttp.ClientSession() as session:
+        reg = BrokeredRegistry(
+            BrokerClient(str(tmp_path / "none")), loaded.config.providers, session
+        )
+        with pytest.raises(TokenError) as err:
+            await reg.sources["p"].token()
+        await reg.aclose()
+    assert err.value.status == 503
