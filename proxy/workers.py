@@ -172,7 +172,10 @@ async def supervise(loaded: Loaded, workers: int, log_format: str, config_path: 
         await web.UnixSite(runner, str(sock_path)).start()
         sock_path.chmod(0o600)
         tasks = [asyncio.ensure_future(sup.keep_running(i)) for i in range(workers)]
-        log.info("started workers", workers=workers, port=int(ports[0]), broker=str(sock_path))
+        admin = {"admin_port": int(ports[1])} if cfg.admin else {}
+        log.info(
+            "started workers", workers=workers, port=int(ports[0]), broker=str(sock_path), **admin
+        )
         await _until_stopped(sup)
         log.info("shutting down", grace_seconds=cfg.shutdown_grace, workers=workers)
         await sup.stop(sup.loaded.config.shutdown_grace)

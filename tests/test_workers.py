@@ -36,6 +36,7 @@ class Cluster:
         self._arrived = asyncio.Event()
         self._reader = asyncio.ensure_future(self._read())
         self.url = URL()
+        self.admin = URL()
 
     async def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -85,6 +86,7 @@ async def cluster(tmp_path: Path, vendor: Simplifi) -> AsyncIterator[Cluster]:
     c = Cluster(proc)
     started = (await c.count("started workers", 1))[0]
     c.url = URL(f"http://127.0.0.1:{started['port']}")
+    c.admin = URL(f"http://127.0.0.1:{started['admin_port']}")
     await c.count("listening", 3)
     yield c
     if proc.returncode is None:
@@ -97,7 +99,7 @@ def config(vendor: Simplifi, prefix: str) -> str:
     return (
         f"providers:\n  s: {provider_json(vendor)}\n"
         f'routes:\n  - {{prefix: {prefix}, upstream: "{vendor.url}/", provider: s}}\n'
-        "shutdown_grace: 5\n"
+        "shutdown_grace: 5\nadmin: {host: 127.0.0.1, port: 0}\n"
     )
 
 
@@ -120,7 +122,7 @@ async def workers_answering(c: Cluster, n: int = 30) -> set[str]:
     async with aiohttp.ClientSession(connector=connector) as session:
         seen = set()
         for _ in range(n):
-            async with session.get(c.url / "-" / "health") as resp:
+            async with session.get(c.admin / "-" / "health") as resp:
                 seen.add(resp.headers[WORKER_HEADER])
         return seen
 
@@ -181,7 +183,7 @@ async def test_a_dead_worker_is_replaced_and_gets_the_shared_token(
     assert vendor.calls["token"] == 1
 
 
-async def test_sighup_reloads_parent_and_workers_keeping_the_token(
+async def test_sighup_or_admin_reload_reloads_parent_and_workers_keeping_the_token(
     cluster: Cluster, vendor: Simplifi, tmp_path: Path
 ) -> None:
     await fire(cluster.url / "s" / "api" / "x", 30)
@@ -189,8 +191,14 @@ async def test_sighup_reloads_parent_and_workers_keeping_the_token(
     cluster.proc.send_signal(signal.SIGHUP)
     await cluster.count("reloaded", 4)  # the parent's broker, then each worker
     assert set(await fire(cluster.url / "t" / "api" / "x", 60)) == {1}
-    async with aiohttp.ClientSession() as session, session.get(cluster.url / "s" / "api") as resp:
-        assert resp.status == 404
+    async with aiohttp.ClientSession() as session:
+        async with session.get(cluster.url / "s" / "api") as resp:
+            assert resp.status == 404
+        (tmp_path / "routes.yaml").write_text(config(vendor, "/u/"))
+        async with session.post(cluster.admin / "-" / "reload") as resp:
+            assert resp.status == 200  # one worker answered: the parent and the others follow
+        await cluster.count("reloaded", 7)  # parent, the two others; the caller answered above
+        assert set(await fire(cluster.url / "u" / "api" / "x", 60)) == {1}
     assert vendor.calls["token"] == 1
 
 
