@@ -20,9 +20,11 @@ from aiohttp.helpers import get_env_proxy_for_url
 from multidict import istr
 from yarl import URL
 
+from proxy.access import ClientAccess
 from proxy.config import Config, Listen, Loaded, Provider, Route
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
+from proxy.forward.framing import FramingError, close_after, validate_request
 from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
 from proxy.forward.websocket import is_websocket_upgrade, proxy_websocket
@@ -50,6 +52,7 @@ class Generation:
     loaded: Loaded
     table: RouteTable[RouteRuntime]
     registry: TokenRegistry
+    access: ClientAccess
 
     @property
     def config(self) -> Config:
@@ -92,7 +95,8 @@ class Runtime:
         else:
             registry = previous.rebuild(providers)
         routes = [(r.prefix, _route_runtime(r, loaded, registry)) for r in loaded.config.routes]
-        return Generation(loaded, RouteTable(routes), registry)
+        access = ClientAccess(loaded.config.clients, clock=self.clock)
+        return Generation(loaded, RouteTable(routes), registry, access)
 
     async def reload(self) -> Generation:
         """Swap in a new config; the caller gets ConfigError when it is invalid."""
@@ -182,6 +186,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     rt.forwarder = Forwarder(rt.session, rt.spool_dir, max_body)
     rt.generation = rt.build(rt.loaded, None)
     rt.observer.set_token_states(lambda: _token_states(rt))
+    for where in _insecure_tls(config):
+        rt.observer.warning("TLS verification disabled (insecure_skip_verify)", **where)
     try:
         yield
     finally:
@@ -190,6 +196,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await rt.generation.registry.aclose()
         await rt.session.close()
         await rt.token_session.close()
+
+
+def _insecure_tls(config: Config) -> list[dict[str, str]]:
+    """Where certificate checks are off: worth a warning at every start."""
+    out = [{"route": r.prefix} for r in config.routes if r.tls.insecure_skip_verify]
+    out += [{"provider": n} for n, p in config.providers.items() if p.tls.insecure_skip_verify]
+    return out
 
 
 def _token_states(rt: Runtime) -> dict[str, dict[str, object]]:
@@ -212,7 +225,7 @@ def create_app(
         loaded=loaded, clock=clock, observer=observer, registry_factory=registry_factory
     )
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_route("*", "/{tail:.*}", _handler(admin_on_main))
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _handler(admin_on_main))
     return app
 
 
@@ -239,6 +252,7 @@ def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.Strea
         ex = Exchange(rid, request.method, "", _peer(request), time.perf_counter())
         rt.observer.metrics.in_flight_now += 1
         try:
+            validate_request(request.raw_headers, method=request.method, version=request.version)
             target = Target.parse(request.raw_path)
             ex.path = target.path
             if target.path.startswith(ADMIN) or target.path == "/-":
@@ -252,7 +266,10 @@ def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.Strea
         except ProxyError as err:
             ex.status = err.status
             ex.error = ex.error or err.slug
-            return problem_response(err, rid)
+            resp = problem_response(err, rid)
+            if isinstance(err, FramingError):
+                return await close_after(request, resp)
+            return resp
         except UpstreamFailed:
             if request.transport is not None:
                 request.transport.close()
@@ -286,6 +303,7 @@ async def _proxy(
     route, remainder = hit
     ex.route = route.prefix
     ex.provider = route.provider
+    ex.client_id = gen.access.check(request.headers, route.prefix, route.config.key_header)
     if route.waits_for:
         raise ServiceUnavailable(
             f"route {route.prefix} waits for provider {route.provider}: "

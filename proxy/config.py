@@ -282,7 +282,24 @@ class Config(Model):
                 raise _KeyedError(
                     ("routes", i, "provider"), f"provider {r.provider!r} is not defined"
                 )
+            if r.provider is not None and not r.allow_plain_http and _plain_remote(r.upstream):
+                raise _KeyedError(
+                    ("routes", i, "upstream"),
+                    f"route {r.prefix} would send the {r.provider} token over plain HTTP to "
+                    f"{URL(r.upstream).host}; use https or set allow_plain_http: true",
+                )
         return self
+
+
+def _plain_remote(url: str) -> bool:
+    """An http:// URL to a host that is not loopback: a token sent there crosses a network."""
+    u = URL(url)
+    if u.scheme != "http" or u.host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(u.host or "").is_loopback
+    except ValueError:
+        return True
 
 
 class _KeyedError(ValueError):

@@ -551,5 +551,9 @@ class Observer:
     def reload_done(self, ok: bool) -> None:
         self.metrics.config_reloaded(ok)
 
+    def warning(self, event: str, **fields: object) -> None:
+        """An operational warning on the proxy's own log stream (start-up, reload)."""
+        self._log.warning(event, **fields)
+
     def render(self) -> tuple[bytes, str]:
         return self.metrics.render()

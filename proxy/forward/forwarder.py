@@ -22,6 +22,7 @@ from yarl import URL
 from proxy.config import Route
 from proxy.forward.exchange import Exchange
 from proxy.forward.headers import AUTHORIZATION, request_headers, response_headers
+from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
 from proxy.forward.spool import Spool
 from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
@@ -188,11 +189,11 @@ class Forwarder:
         data = body if reader is None else reader.stream()
         first = await self._send(request.method, url, headers, route, token, data, ex)
         if first.status != 401 or token is None or route.source is None:
-            return await self._relay(request, first, ex)
+            return await self._relay(request, first, ex, route)
         final = await self._maybe_replay(
             request, route, url, headers, ex, token, first, body, reader
         )
-        return await self._relay(request, final, ex)
+        return await self._relay(request, final, ex, route)
 
     async def _maybe_replay(
         self,
@@ -267,11 +268,15 @@ class Forwarder:
         return resp
 
     async def _relay(
-        self, request: web.Request, resp: aiohttp.ClientResponse | _Buffered, ex: Exchange
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse | _Buffered,
+        ex: Exchange,
+        route: RouteRuntime,
     ) -> web.StreamResponse:
-        out = web.StreamResponse(
-            status=resp.status, reason=resp.reason, headers=response_headers(resp.headers)
-        )
+        headers = response_headers(resp.headers)
+        rewrite_locations(headers, route.origin, route.base_path, route.prefix)
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         out.headers["X-Request-Id"] = ex.request_id
         ex.status = resp.status
         no_body = (
