@@ -103,18 +103,12 @@ async def slow_head(proxy: Proxy) -> bool:
         writer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="limits.header_timeout is not enforced yet: aiohttp has no header timeout "
-    "(see docs/security.md, slowhttptest -H)",
-)
 async def test_slow_request_head_is_cut(echo: tuple[Echo, URL], start_proxy: StartProxy) -> None:
     _, up = echo
     proxy = await start_proxy(config(up, "limits: {header_timeout: 0.3}"))
     assert await slow_head(proxy)
 
 
-@pytest.mark.xfail(strict=True, reason="limits.max_connections is not enforced yet")
 async def test_connections_over_the_limit_are_refused(
     echo: tuple[Echo, URL], start_proxy: StartProxy
 ) -> None:
