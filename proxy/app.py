@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import structlog
@@ -28,8 +27,8 @@ from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
 from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
+from proxy.forward.transport import Client
 from proxy.forward.websocket import is_websocket_upgrade, proxy_websocket
-from proxy.guard import GuardedSite
 from proxy.observability import Observer, request_id_from
 from proxy.problems import (
     BadRequest,
@@ -185,7 +184,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     rt.session = make_session(config)
     rt.token_session = make_token_session(config)
     max_body = int(config.limits.max_body) if config.limits.max_body is not None else None
-    rt.forwarder = Forwarder(rt.session, rt.spool_dir, max_body)
+    rt.forwarder = Forwarder(rt.session, rt.spool_dir, max_body, Client())
     rt.generation = rt.build(rt.loaded, None)
     rt.observer.set_token_states(lambda: _token_states(rt))
     for where in _insecure_tls(config):
@@ -196,6 +195,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         rt.draining = True
         if rt.generation is not None:
             await rt.generation.registry.aclose()
+        await rt.forwarder.aclose()
         await rt.session.close()
         await rt.token_session.close()
 
@@ -369,30 +369,19 @@ async def start_runner(
 ) -> tuple[web.AppRunner, int]:
     """Start serving ``app``; returns the runner and the port actually bound."""
     limits = cfg.limits
-    handler_kwargs: dict[str, Any] = {
-        "access_log": None,
-        "max_line_size": limits.max_line_size,
-        "max_field_size": limits.max_field_size,
-        "max_headers": limits.max_headers,
-        "keepalive_timeout": limits.keepalive_timeout,
-    }
     runner = web.AppRunner(
         app,
         handle_signals=False,
+        access_log=None,
         shutdown_timeout=cfg.shutdown_grace,
         handler_cancellation=True,
-        **handler_kwargs,
+        max_line_size=limits.max_line_size,
+        max_field_size=limits.max_field_size,
+        max_headers=limits.max_headers,
+        keepalive_timeout=limits.keepalive_timeout,
     )
     await runner.setup()
-    site = GuardedSite(
-        runner,
-        listen.host,
-        listen.port,
-        handler_kwargs=handler_kwargs,
-        header_timeout=limits.header_timeout,
-        max_connections=limits.max_connections,
-        reuse_port=reuse_port,
-    )
+    site = web.TCPSite(runner, listen.host, listen.port, backlog=1024, reuse_port=reuse_port)
     await site.start()
     addresses = [a for a in runner.addresses if isinstance(a, tuple)]
     port = int(addresses[-1][1]) if addresses else listen.port

@@ -25,6 +25,7 @@ from proxy.forward.headers import AUTHORIZATION, request_headers, response_heade
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
 from proxy.forward.spool import Spool
+from proxy.forward.transport import Client, Response, TransportError
 from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
 from proxy.tokens.source import Token, TokenSource
 
@@ -116,12 +117,23 @@ class BodyReader:
 
 
 class Forwarder:
+    """Requests go out on the lean ``client``; routes behind an env proxy use ``session``."""
+
     def __init__(
-        self, session: aiohttp.ClientSession, spool_dir: Path, max_body: int | None
+        self,
+        session: aiohttp.ClientSession,
+        spool_dir: Path,
+        max_body: int | None,
+        client: Client | None = None,
     ) -> None:
         self._session = session
+        self._client = client or Client()
         self._spool_dir = spool_dir
         self._max_body = max_body
+
+    async def aclose(self) -> None:
+        """Close the pooled upstream connections (the session is the caller's)."""
+        await self._client.close()
 
     async def forward(
         self,
@@ -203,10 +215,10 @@ class Forwarder:
         headers: CIMultiDict[str],
         ex: Exchange,
         token: Token,
-        first: aiohttp.ClientResponse,
+        first: Upstream,
         body: bytes | None,
         reader: BodyReader | None,
-    ) -> aiohttp.ClientResponse | _Buffered:
+    ) -> Upstream | _Buffered:
         assert route.source is not None
         route.source.invalidate(token)
         if not route.replay:
@@ -244,22 +256,23 @@ class Forwarder:
         token: Token | None,
         data: bytes | AsyncIterator[bytes] | None,
         ex: Exchange,
-    ) -> aiohttp.ClientResponse:
+    ) -> Upstream:
         if token is not None:
             headers[AUTHORIZATION] = token.authorization
         try:
-            resp = await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=route.timeout,
-                ssl=route.ssl,
-                server_hostname=route.server_hostname,
-                proxy=route.proxy[0] if route.proxy else None,
-                proxy_auth=route.proxy[1] if route.proxy else None,
-            )
+            if route.proxy is not None:
+                resp: Upstream = await self._via_proxy(method, url, headers, route, data)
+            else:
+                resp = await self._client.request(
+                    method,
+                    url,
+                    headers,
+                    data,
+                    ssl=route.ssl,
+                    server_hostname=route.server_hostname,
+                    connect_timeout=route.timeout.sock_connect,
+                    read_timeout=route.timeout.sock_read,
+                )
         except _CLIENT_ERRORS as exc:
             raise _translate(exc) from exc
         ex.upstream_status = resp.status
@@ -267,10 +280,34 @@ class Forwarder:
             ex.ttfb = time.perf_counter() - ex.started
         return resp
 
+    async def _via_proxy(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        route: RouteRuntime,
+        data: bytes | AsyncIterator[bytes] | None,
+    ) -> _ViaProxy:
+        """aiohttp speaks to HTTP(S)_PROXY (CONNECT tunnels included); the lean client does not."""
+        assert route.proxy is not None
+        resp = await self._session.request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            timeout=route.timeout,
+            ssl=route.ssl,
+            server_hostname=route.server_hostname,
+            proxy=route.proxy[0],
+            proxy_auth=route.proxy[1],
+        )
+        return _ViaProxy(resp)
+
     async def _relay(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse | _Buffered,
+        resp: Upstream | _Buffered,
         ex: Exchange,
         route: RouteRuntime,
     ) -> web.StreamResponse:
@@ -312,15 +349,15 @@ class Forwarder:
     async def _stream(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
+        resp: Upstream,
         out: web.StreamResponse,
         ex: Exchange,
     ) -> None:
         await out.prepare(request)
-        read = resp.content.read
+        read = resp.readany
         while True:
             try:
-                chunk = await read(READ_CHUNK)
+                chunk = await read()
             except _CLIENT_ERRORS as exc:
                 ex.upstream_error = _translate(exc).kind
                 ex.error = "upstream_aborted"
@@ -334,7 +371,7 @@ class Forwarder:
 class _Buffered:
     """A small upstream response already read into memory (the first 401 of a replay)."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, body: bytes) -> None:
+    def __init__(self, resp: Upstream, body: bytes) -> None:
         self.status = resp.status
         self.reason = resp.reason
         self.headers = resp.headers
@@ -342,17 +379,17 @@ class _Buffered:
         self.body = body
 
     @classmethod
-    async def hold(cls, resp: aiohttp.ClientResponse, cap: int) -> _Buffered | None:
+    async def hold(cls, resp: Upstream, cap: int) -> _Buffered | None:
         """Drain and release the response; None (response left open) when it is too large."""
         if resp.content_length is not None and resp.content_length > cap:
             return None
+        parts: list[bytes] = []
+        size = 0
         try:
-            body = await resp.content.read(cap + 1)
-            while len(body) <= cap:
-                more = await resp.content.read(cap + 1 - len(body))
-                if not more:
-                    break
-                body += more
+            while size <= cap and (chunk := await resp.readany()):
+                parts.append(chunk)
+                size += len(chunk)
+            body = b"".join(parts)
         except _CLIENT_ERRORS as exc:
             resp.close()
             raise _translate(exc) from exc
@@ -369,13 +406,46 @@ class _Buffered:
         """As ``close``."""
 
 
-_CLIENT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+class _ViaProxy:
+    """An aiohttp response (a route behind an env proxy) as the forwarder reads responses."""
+
+    __slots__ = ("_resp", "content_length", "headers", "reason", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers = resp.headers
+        self.content_length = resp.content_length
+
+    async def readany(self) -> bytes:
+        return await self._resp.content.readany()
+
+    def release(self) -> None:
+        self._resp.release()
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+Upstream = Response | _ViaProxy
+
+_CLIENT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, TransportError)
+_TRANSPORT_DETAIL = {
+    "connect": "cannot connect to the upstream",
+    "protocol": "upstream sent a malformed response",
+}
 
 
 def _translate(exc: BaseException) -> UpstreamError:
     """Low-level client failures, translated once into the proxy's error tree."""
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, TransportError):
+        detail = _TRANSPORT_DETAIL.get(exc.kind, "upstream connection failed")
+        if exc.kind == "connect" and exc.__cause__ is not None:
+            detail = f"{detail}: {_reason(exc.__cause__)}"
+        return UpstreamError(exc.kind, detail)
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return UpstreamError("tls", f"TLS failure talking to the upstream: {_reason(exc)}")
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
