@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -29,6 +30,7 @@ from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
 from proxy.forward.transport import Client
 from proxy.forward.websocket import is_websocket_upgrade, proxy_websocket
+from proxy.guard import GuardedSite
 from proxy.observability import Observer, request_id_from
 from proxy.problems import (
     BadRequest,
@@ -369,19 +371,30 @@ async def start_runner(
 ) -> tuple[web.AppRunner, int]:
     """Start serving ``app``; returns the runner and the port actually bound."""
     limits = cfg.limits
+    handler_kwargs: dict[str, Any] = {
+        "access_log": None,
+        "max_line_size": limits.max_line_size,
+        "max_field_size": limits.max_field_size,
+        "max_headers": limits.max_headers,
+        "keepalive_timeout": limits.keepalive_timeout,
+    }
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log=None,
         shutdown_timeout=cfg.shutdown_grace,
         handler_cancellation=True,
-        max_line_size=limits.max_line_size,
-        max_field_size=limits.max_field_size,
-        max_headers=limits.max_headers,
-        keepalive_timeout=limits.keepalive_timeout,
+        **handler_kwargs,
     )
     await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port, backlog=1024, reuse_port=reuse_port)
+    site = GuardedSite(
+        runner,
+        listen.host,
+        listen.port,
+        handler_kwargs=handler_kwargs,
+        header_timeout=limits.header_timeout,
+        max_connections=limits.max_connections,
+        reuse_port=reuse_port,
+    )
     await site.start()
     addresses = [a for a in runner.addresses if isinstance(a, tuple)]
     port = int(addresses[-1][1]) if addresses else listen.port
