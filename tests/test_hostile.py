@@ -184,3 +184,19 @@ async def test_upstream_host_never_changes(
     assert status_of(raw) == 200
     assert [s.raw_path for s in e.seen] == [upstream_path]
     assert e.seen[0].header("Host") == f"127.0.0.1:{up.port}"
+
+
+async def test_stalled_small_body_meets_the_read_timeout(
+    echo: tuple[Echo, URL], start_proxy: StartProxy
+) -> None:
+    e, up = echo
+    proxy = await start_proxy(
+        f"routes:\n  - prefix: /svc/\n    upstream: {up}/\n    timeout: {{connect: 1, read: 0.3}}\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /svc/a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert e.seen == []

@@ -159,7 +159,11 @@ class Forwarder:
         if not request.body_exists:
             return await self._exchange(request, route, url, headers, ex, None, None)
         if length is not None and length <= SMALL_BODY:
-            body = await request.content.readexactly(length)
+            try:
+                async with asyncio.timeout(route.config.timeout.read):
+                    body = await request.content.readexactly(length)
+            except TimeoutError:
+                raise ClientTimeout("client stopped sending its request body") from None
             ex.bytes_in = length
             return await self._exchange(request, route, url, headers, ex, body, None)
         spool = self._spool_for(route, length)
