@@ -165,7 +165,7 @@ async def _probe_token(config: Config, provider: str) -> int:
     print(f"token_type: {token.token_type}")
     print(f"scope:      {token.scope or '-'}")
     print(f"expires_in: {left:.0f} s")
-    print(f"token:      {token.value[:4]}… (redacted, {len(token.value)} chars)")
+    print(f"token:      *** (redacted, {len(token.value)} chars)")
     return 0
 
 

@@ -203,3 +203,31 @@ async def test_sighup_swaps_routes_and_keeps_them_on_a_bad_config(
     async with client.get(r.url / "-" / "metrics") as resp:
         text = await resp.text()
     assert 'tokenrelay_config_reload_total{outcome="error"} 1.0' in text
+
+
+async def test_token_command_prints_type_scope_expiry_redacted(tmp_path: Path) -> None:
+    from tests.helpers import provider_json
+    from tests.vendors import SimpleDocs, serve
+
+    async with serve(SimpleDocs()) as vendor:
+        cfg = tmp_path / "routes.yaml"
+        cfg.write_text(f"providers:\n  docs: {provider_json(vendor)}\n")
+        proc = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "proxy",
+            "token",
+            "docs",
+            "--config",
+            str(cfg),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode() + err.decode()
+    assert proc.returncode == 0, text
+    assert "token_type: Bearer" in text
+    assert "scope:      read write" in text
+    assert "expires_in: 7200 s" in text or "expires_in: 7199 s" in text
+    for secret in vendor.secret_values():
+        assert secret not in text

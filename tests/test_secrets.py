@@ -155,10 +155,9 @@ async def test_no_secret_leaks_anywhere(
         )
         seen.append(framing.decode("latin-1"))
     statuses = [int(s.split()[1]) for s in seen[:9]]
-    # the CRLF token crashes the handler today (500, no leak); a grant-level refusal
-    # (502 token-unavailable) would be better: both are accepted here
+    # a token with CR/LF is refused by the grant layer: 502 token-unavailable
     assert statuses[:4] == [401, 401, 502, 502]
-    assert statuses[4] in (500, 502)
+    assert statuses[4] == 502
     assert statuses[5:9] == [401, 500, 502, 502]
     assert framing.startswith(b"HTTP/1.1 400")
     assert_clean("\n".join(seen), "responses")

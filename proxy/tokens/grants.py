@@ -326,6 +326,9 @@ def parse_token(
     value = doc.get(fields.access_token)
     if not isinstance(value, str) or not value:
         raise token_error(provider.name, f"token endpoint answer has no {fields.access_token}")
+    if not value.isascii() or not value.isprintable() or " " in value:
+        # RFC 6750 b64token: a token that would break the Authorization header is refused here
+        raise token_error(provider.name, f"{fields.access_token} has characters a token cannot")
     token_type = doc.get(fields.token_type)
     if token_type is not None and str(token_type).lower() != "bearer":
         kind = scrub(str(token_type))
