@@ -37,6 +37,7 @@ from proxy.problems import (
     NotFound,
     ProxyError,
     ServiceUnavailable,
+    UpstreamError,
     problem_response,
 )
 from proxy.tls import client_ssl, server_hostname
@@ -270,6 +271,8 @@ def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.Strea
         except ProxyError as err:
             ex.status = err.status
             ex.error = ex.error or err.slug
+            if isinstance(err, UpstreamError):
+                ex.upstream_error = err.kind
             resp = problem_response(err, rid)
             if isinstance(err, FramingError):
                 return await close_after(request, resp)

@@ -1,0 +1,122 @@
+"""What an operator sees: request ids end to end, one access line per request, metrics."""
+
+from __future__ import annotations
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
+
+from tests.conftest import Proxy, StartProxy
+from tests.helpers import Echo, provider_json
+from tests.vendors import Simacan, serve
+
+
+def samples(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = proxy.runtime.observer.render()[0].decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(proxy: Proxy, name: str, **labels: str) -> float:
+    return samples(proxy).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def access_lines(proxy: Proxy) -> list[dict[str, object]]:
+    lines = [orjson.loads(line) for line in proxy.log_text().splitlines() if line.strip()]
+    return [line for line in lines if line.get("event") == "access"]
+
+
+async def test_request_id_flows_through(
+    echo: tuple[Echo, URL], start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    e, up = echo
+    proxy = await start_proxy(f"routes:\n  - {{prefix: /e/, upstream: '{up}/'}}\n")
+    async with client.get(proxy.url / "e" / "x", headers={"X-Request-Id": "req-42"}) as resp:
+        assert resp.headers["X-Request-Id"] == "req-42"
+    assert e.seen[0].header("X-Request-Id") == "req-42"
+    async with client.get(proxy.url / "nope", headers={"X-Request-Id": "bad id\u00e9"}) as resp:
+        body = orjson.loads(await resp.read())
+        fresh = resp.headers["X-Request-Id"]
+    assert fresh != "bad id\u00e9" and body["request_id"] == fresh
+    lines = access_lines(proxy)
+    assert [line["request_id"] for line in lines] == ["req-42", fresh]
+    assert lines[0]["status"] == 200 and lines[1]["status"] == 404
+
+
+async def test_metrics_follow_traffic_replay_renewal_and_failed_login(
+    start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    async with serve(Simacan()) as vendor:
+        proxy = await start_proxy(f"""
+providers:
+  s: {provider_json(vendor, cooldown=30)}
+routes:
+  - {{prefix: /s/, upstream: "{vendor.url}/", provider: s}}
+  - {{prefix: /down/, upstream: "http://127.0.0.1:9/"}}
+""")
+        async with client.post(
+            (proxy.url / "s" / "api" / "a").with_query(secret="1"), data=b"12345"
+        ) as r:
+            assert r.status == 200
+            size = len(await r.read())
+        route = {"route": "/s/"}
+        assert value(proxy, "tokenrelay_requests_total", method="POST", status="200", **route) == 1
+        assert value(proxy, "tokenrelay_received_bytes_total", **route) == 5
+        assert value(proxy, "tokenrelay_sent_bytes_total", **route) == size
+        assert (
+            value(
+                proxy,
+                "tokenrelay_token_requests_total",
+                provider="s",
+                step="login",
+                outcome="success",
+            )
+            == 1
+        )
+        assert value(proxy, "tokenrelay_token_expiry_seconds", provider="s") > 3000
+        assert value(proxy, "tokenrelay_requests_in_flight") == 0
+
+        vendor.revoke_all()
+        async with client.get(proxy.url / "s" / "api" / "b") as r:
+            assert r.status == 200
+        assert value(proxy, "tokenrelay_replays_total", outcome="succeeded", **route) == 1
+        assert (
+            value(
+                proxy,
+                "tokenrelay_token_requests_total",
+                provider="s",
+                step="refresh",
+                outcome="success",
+            )
+            == 1
+        )
+
+        vendor.revoke_all()
+        vendor.refuse_refresh = True
+        vendor.fail_next(401, {"error": "invalid_grant"}, endpoint="password")
+        async with client.get(proxy.url / "s" / "api" / "c") as r:
+            assert r.status == 502  # no new token could be had: the provider's error, named
+            assert (await r.json())["provider_error"] == "invalid_grant"
+        assert value(proxy, "tokenrelay_token_cooldown", provider="s") == 1
+        assert (
+            value(
+                proxy,
+                "tokenrelay_token_requests_total",
+                provider="s",
+                step="login",
+                outcome="error",
+            )
+            == 1
+        )
+
+        async with client.get(proxy.url / "down" / "x") as r:
+            assert r.status == 502
+        assert value(proxy, "tokenrelay_upstream_errors_total", route="/down/", kind="connect") == 1
+        lines = access_lines(proxy)
+        assert len(lines) == 4
+        assert all("secret=1" not in str(line["path"]) for line in lines)
+        assert lines[1]["replayed"] is True and lines[1]["replay_outcome"] == "succeeded"
