@@ -16,7 +16,7 @@ from yarl import URL
 
 from tests.conftest import Proxy, StartProxy, StartUpstream
 from tests.helpers import provider_json
-from tests.vendors import FakeClock, Simacan, SimpleDocs, Simplifi, serve
+from tests.vendors import FakeClock, Simacan, SimpleDocs, Simplifi, Vendor, serve
 
 
 @dataclass
@@ -99,6 +99,15 @@ routes:
     return Env(proxy, vendor, gate, spool_dir)
 
 
+def vendor_config(vendor: Vendor, name: str, route_extra: str = "") -> str:
+    """One provider for ``vendor`` and one route /name/ to its API."""
+    url = vendor.url
+    return (
+        f"providers:\n  {name}: {provider_json(vendor)}\nroutes:\n"
+        f'  - {{prefix: /{name}/, upstream: "{url}/", provider: {name}{route_extra}}}\n'
+    )
+
+
 def spool_files(spool_dir: Path) -> list[Path]:
     return [p for p in spool_dir.rglob("*") if p.is_file()]
 
@@ -112,12 +121,7 @@ async def test_early_expiry_is_invisible_simacan_refresh(
     start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     async with serve(Simacan()) as vendor:
-        proxy = await start_proxy(f"""
-providers:
-  s: {provider_json(vendor)}
-routes:
-  - {{prefix: /s/, upstream: "{vendor.url}/", provider: s}}
-""")
+        proxy = await start_proxy(vendor_config(vendor, "s"))
         async with client.get(proxy.url / "s" / "api" / "trips") as resp:
             assert resp.status == 200
         vendor.revoke_all()  # the vendor expires the token before expires_in
@@ -133,12 +137,7 @@ async def test_refused_refresh_falls_back_to_password_then_replays(
     start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     async with serve(Simacan()) as vendor:
-        proxy = await start_proxy(f"""
-providers:
-  s: {provider_json(vendor)}
-routes:
-  - {{prefix: /s/, upstream: "{vendor.url}/", provider: s}}
-""")
+        proxy = await start_proxy(vendor_config(vendor, "s"))
         async with client.post(proxy.url / "s" / "api" / "x", data=b"payload") as resp:
             assert resp.status == 200
         vendor.revoke_all()
@@ -153,12 +152,7 @@ async def test_200_concurrent_401s_one_renewal_all_replayed(
     start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     async with serve(Simacan()) as vendor:
-        proxy = await start_proxy(f"""
-providers:
-  s: {provider_json(vendor)}
-routes:
-  - {{prefix: /s/, upstream: "{vendor.url}/", provider: s}}
-""")
+        proxy = await start_proxy(vendor_config(vendor, "s"))
         async with client.get(proxy.url / "s" / "api" / "warm") as resp:
             assert resp.status == 200
         vendor.revoke_all()
