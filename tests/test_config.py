@@ -1,0 +1,114 @@
+"""routes.yaml → typed objects: variables, secret files, presets, sizes, optional providers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import Secret, load_config, parse_config
+from proxy.problems import ConfigError
+
+
+def test_variables_defaults_and_dollar_escape() -> None:
+    loaded = parse_config(
+        "providers:\n  p: {grant: static, token: '${TOK}'}\n"
+        "routes:\n  - {prefix: /a/, upstream: 'http://${HOST:-127.0.0.1}:${PORT}/$$x', "
+        "provider: p}\n",
+        env={"TOK": "t-1", "PORT": "81"},
+    )
+    route = loaded.config.routes[0]
+    assert route.upstream == "http://127.0.0.1:81/$x"
+    token = loaded.config.providers["p"].token
+    assert token is not None and token.get_secret_value() == "t-1"
+
+
+def test_secret_files_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    cfg = tmp_path / "routes.yaml"
+    cfg.write_text("providers:\n  s: {preset: simacan, username: u, password_file: pw}\n")
+    provider = load_config(cfg, env={}).config.providers["s"]
+    assert provider.password is not None
+    assert provider.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(provider) and "***" in repr(provider)
+
+
+def test_secret_file_errors_name_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "routes.yaml"
+    cfg.write_text("providers:\n  s: {grant: static, token_file: /nonexistent/x}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, env={})
+    assert err.value.path == "providers.s.token_file"
+    cfg.write_text("providers:\n  s: {grant: static, token: a, token_file: b}\n")
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(cfg, env={})
+
+
+def test_presets_fill_and_explicit_keys_win() -> None:
+    cfg = parse_config(
+        "providers:\n"
+        "  prod: {preset: simacan, username: u, password: p}\n"
+        "  stg: {preset: simacan, environment: staging, username: u, password: p}\n"
+        "  docs: {preset: simpledocs, client_id: i, client_secret: s, scope: read}\n"
+        "  simplifi: {preset: simplifi, client_id: i, client_secret: s,"
+        " token_url: 'https://sandbox.example/oauth/token'}\n",
+        env={},
+    ).config.providers
+    assert cfg["prod"].token_url == "https://auth-service.services.simacan.com/api/v1/auth/password"
+    assert cfg["stg"].refresh_url == (
+        "https://auth-service-stg.services.simacan.com/api/v1/auth/refresh"
+    )
+    assert cfg["prod"].grant == "simacan"
+    assert (cfg["docs"].client_auth, cfg["docs"].scope) == ("body", "read")
+    assert cfg["simplifi"].client_auth == "basic"
+    assert cfg["simplifi"].token_url == "https://sandbox.example/oauth/token"
+
+
+def test_optional_provider_waits_for_its_variables() -> None:
+    loaded = parse_config(
+        "providers:\n  v: {grant: static, token: '${V_TOKEN}', optional: true}\n"
+        "routes:\n  - {prefix: /v/, upstream: 'https://x.example/', provider: v}\n",
+        env={},
+    )
+    assert loaded.inactive_providers == {"v": ["V_TOKEN"]}
+    assert loaded.route_waits_for(loaded.config.routes[0]) == ["V_TOKEN"]
+
+
+def test_sizes_take_units() -> None:
+    route = parse_config(
+        "routes:\n  - {prefix: /a/, upstream: 'http://127.0.0.1/', "
+        "replay: {memory: 64KiB, max_body: 10MB}, max_body: 1GiB}\n",
+        env={},
+    ).config.routes[0]
+    assert (route.replay.memory, route.replay.max_body) == (65536, 10_000_000)
+    assert route.max_body == 1024**3
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        (
+            "routes:\n  - {prefix: /a/, upstream: 'http://127.0.0.1/', replay: {memory: lots}}\n",
+            "routes[0].replay.memory",
+        ),
+        ("providers:\n  p: {grant: client_credentials, client_id: x}\n", "providers.p"),
+        ("providers:\n  p: {preset: acme}\n", "providers.p.preset"),
+        ("clients:\n  - {id: a}\n", "clients[0]"),
+        (
+            "routes:\n  - {prefix: /a/, upstream: 'http://10.0.0.1/', provider: p}\n"
+            "providers:\n  p: {grant: static, token: t}\n",
+            "routes[0].upstream",
+        ),
+    ],
+)
+def test_errors_carry_the_key_path(text: str, path: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "f.yaml", env={})
+    assert err.value.path == path
+    assert err.value.file == "f.yaml"
+
+
+def test_secret_type_redacts_everywhere() -> None:
+    s = Secret("hunter2")
+    assert "hunter2" not in f"{s} {s!r}"
+    assert str(s) == "***"
