@@ -120,3 +120,49 @@ routes:
         assert len(lines) == 4
         assert all("secret=1" not in str(line["path"]) for line in lines)
         assert lines[1]["replayed"] is True and lines[1]["replay_outcome"] == "succeeded"
+
+
+async def test_reload_keeps_unchanged_tokens_and_inflight_streams(
+    echo: tuple[Echo, URL], start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    from proxy.config import parse_config
+    from tests.vendors import Simplifi
+
+    e, up = echo
+    async with serve(Simplifi()) as keep, serve(Simplifi()) as change:
+
+        def text(change_scope: str, prefix: str) -> str:
+            return f"""
+providers:
+  keep: {provider_json(keep)}
+  change: {provider_json(change, scope=change_scope)}
+routes:
+  - {{prefix: {prefix}, upstream: "{up}/", provider: keep}}
+  - {{prefix: /c/, upstream: "{up}/", provider: change}}
+"""
+
+        proxy = await start_proxy(text("read", "/old/"))
+        rt = proxy.runtime
+        async with client.get(proxy.url / "c" / "x") as r:
+            assert r.status == 200
+        stream = await client.get(proxy.url / "old" / "gate")
+        await e.stream_gate.put(b"before;")
+        assert await stream.content.readexactly(7) == b"before;"
+
+        async def reloader() -> object:
+            return parse_config(text("read write", "/new/"), "test.yaml", {})
+
+        rt.reloader = reloader  # type: ignore[assignment]
+        await rt.reload()
+        await e.stream_gate.put(b"after;")
+        await e.stream_gate.put(None)
+        assert await stream.content.read() == b"after;"  # finished on the old routes
+        stream.close()
+        async with client.get(proxy.url / "new" / "x") as r:
+            assert r.status == 200
+        async with client.get(proxy.url / "old" / "x") as r:
+            assert r.status == 404
+        async with client.get(proxy.url / "c" / "x") as r:
+            assert r.status == 200
+        assert keep.calls["token"] == 1  # unchanged provider: no new login
+        assert change.calls["token"] == 2  # changed settings: rebuilt
