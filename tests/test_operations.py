@@ -166,3 +166,34 @@ routes:
             assert r.status == 200
         assert keep.calls["token"] == 1  # unchanged provider: no new login
         assert change.calls["token"] == 2  # changed settings: rebuilt
+
+
+async def test_admin_tokens_renew_and_separate_listener(
+    echo: tuple[Echo, URL], start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    from tests.vendors import Simplifi
+
+    _, up = echo
+    async with serve(Simplifi()) as vendor:
+        proxy = await start_proxy(f"""
+admin: {{host: 127.0.0.1, port: 0}}
+providers:
+  v: {provider_json(vendor)}
+routes:
+  - {{prefix: /v/, upstream: "{up}/", provider: v}}
+""")
+        assert proxy.admin_url is not None
+        async with client.get(proxy.url / "-" / "tokens") as r:
+            assert r.status == 404  # admin paths live on the admin listener only
+        async with client.get(proxy.url / "v" / "x") as r:
+            assert r.status == 200
+        async with client.get(proxy.admin_url / "-" / "tokens") as r:
+            state = await r.json()
+        assert state["v"]["state"] == "valid" and state["v"]["seconds_left"] > 0
+        async with client.post(proxy.admin_url / "-" / "tokens" / "v" / "renew") as r:
+            assert r.status == 200
+        assert vendor.calls["token"] == 2
+        async with client.get(proxy.admin_url / "-" / "metrics") as r:
+            assert "tokenrelay_requests_total" in await r.text()
+        issued = " ".join(t.value for t in vendor.issued)
+        assert all(t.value not in str(state) for t in vendor.issued), issued[:0]
