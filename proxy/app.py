@@ -281,7 +281,12 @@ def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.Strea
             if request.transport is not None:
                 request.transport.close()
             raise
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
+            ex.error = ex.error or "client_gone"
+            if _client_gone(request):
+                return _unsent()
+            raise
+        except asyncio.CancelledError:
             ex.error = ex.error or "client_gone"
             raise
         except Exception:
@@ -321,6 +326,17 @@ async def _proxy(
             raise BadRequest("WebSocket upgrades are off on this route")
         return await proxy_websocket(request, rt.session, route, remainder, target.query, ex)
     return await fwd.forward(request, route, remainder, target.query, ex)
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _unsent() -> web.StreamResponse:
+    """For a client that went away: aiohttp's write of it fails quietly on the closed
+    transport, where a raised ConnectionError would cost a logged traceback per connection."""
+    return web.Response()
 
 
 def _peer(request: web.Request) -> str:

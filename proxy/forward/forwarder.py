@@ -316,15 +316,16 @@ class Forwarder:
         route: RouteRuntime,
     ) -> web.StreamResponse:
         headers = response_headers(resp.headers)
-        rewrite_locations(headers, route.origin, route.base_path, route.prefix)
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-        out.headers["X-Request-Id"] = ex.request_id
-        ex.status = resp.status
         no_body = (
             request.method == "HEAD"
             or resp.status in NO_BODY_STATUSES
             or (100 <= resp.status < 200)
         )
+        rewrite_locations(headers, route.origin, route.base_path, route.prefix)
+        cls = _Coalesced if no_body or _complete(resp) else web.StreamResponse
+        out = cls(status=resp.status, reason=resp.reason, headers=headers)
+        out.headers["X-Request-Id"] = ex.request_id
+        ex.status = resp.status
         length = resp.content_length
         if isinstance(resp, _Buffered):
             length = len(resp.body)
@@ -336,14 +337,17 @@ class Forwarder:
                 await out.prepare(request)
                 complete = True
                 return out
-            if isinstance(resp, _Buffered):
-                await out.prepare(request)
-                await out.write(resp.body)
-                ex.bytes_out += len(resp.body)
-            else:
+            body = resp.body if isinstance(resp, _Buffered) else await _arrived_body(resp)
+            if body is None:
+                assert not isinstance(resp, _Buffered)
                 await self._stream(request, resp, out, ex)
+                complete = True
+                await out.write_eof()
+                return out
+            await out.prepare(request)
+            await out.write_eof(body)  # the head is still held: one write for both
+            ex.bytes_out += len(body)
             complete = True
-            await out.write_eof()
             return out
         finally:
             # a fully read response gives its keep-alive connection back; anything else
@@ -370,6 +374,27 @@ class Forwarder:
                 return
             await out.write(chunk)
             ex.bytes_out += len(chunk)
+
+
+class _Coalesced(web.StreamResponse):
+    """Holds its head until the body (or the end) is written: one write, not two."""
+
+    _send_headers_immediately = False
+
+
+def _complete(resp: Upstream | _Buffered) -> bool:
+    """Whether the whole body is already here (a small response usually arrives at once)."""
+    return isinstance(resp, _Buffered) or (isinstance(resp, Response) and resp.done)
+
+
+async def _arrived_body(resp: Upstream) -> bytes | None:
+    """The whole body of a small response that has fully arrived, else None (streamed)."""
+    if not isinstance(resp, Response) or not resp.done or resp.buffered > SMALL_BODY:
+        return None
+    parts = []
+    while chunk := await resp.readany():  # all buffered: returns without waiting
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _Buffered:
