@@ -7,6 +7,7 @@ through structlog with a redaction processor as a safety net for secrets.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -243,8 +244,11 @@ class AccessLog:
         self._render = _renderer(fmt, self.stream)
         self._out = LineLogger(self.stream)
         self._perf = perf
+        self._pending: list[str] = []
 
     def log(self, ex: Exchange, duration: float | None = None) -> None:
+        """Lines logged in one event-loop pass go out in one write, at the start of the next
+        pass (before the I/O it polls); outside a loop each line is written at once."""
         if duration is None:
             duration = self._perf() - ex.started
         line = self._fields(ex, duration)
@@ -252,7 +256,19 @@ class AccessLog:
             text = orjson.dumps(line, default=str).decode()
         else:
             text = self._render(None, "info", line)
-        self._out.msg(text)
+        pending = self._pending
+        pending.append(text)
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the lines held so far (also called at shutdown)."""
+        if self._pending:
+            lines, self._pending = self._pending, []
+            self._out.msg("\n".join(lines))
 
     @staticmethod
     def _fields(ex: Exchange, duration: float) -> dict[str, object]:
@@ -536,6 +552,10 @@ class Observer:
         duration = self._perf() - ex.started
         self.access.log(ex, duration)
         self.metrics.observe(ex, duration)
+
+    def flush(self) -> None:
+        """Write access lines still held (see ``AccessLog.log``)."""
+        self.access.flush()
 
     def token_event(self, event: str, fields: Mapping[str, object]) -> None:
         log_token_event(event, fields, self._log)
