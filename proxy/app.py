@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import structlog
@@ -201,6 +201,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await rt.forwarder.aclose()
         await rt.session.close()
         await rt.token_session.close()
+        rt.observer.flush()
 
 
 def _insecure_tls(config: Config) -> list[dict[str, str]]:
@@ -226,12 +227,70 @@ def create_app(
     registry_factory: RegistryFactory | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=1024**2)
-    app[RUNTIME] = Runtime(
+    rt = app[RUNTIME] = Runtime(
         loaded=loaded, clock=clock, observer=observer, registry_factory=registry_factory
     )
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", _handler(admin_on_main))
+    handler = _handler(admin_on_main, rt)
+    app[HANDLER] = handler
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handler, expect_handler=_expect_in_handler)
     return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_BaseHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+HANDLER: web.AppKey[Handler] = web.AppKey("handler")
+"""The main listener's handler: ``start_runner`` serves it without the router."""
+
+
+async def _expect_in_handler(request: web.Request) -> None:
+    """The handler answers Expect itself, on the lean server and under the router alike."""
+
+
+async def _expect(request: web.BaseRequest, expect: str) -> None:
+    """What aiohttp's router does for Expect: 100 Continue on HTTP/1.1, 417 for others."""
+    if request.version != aiohttp.HttpVersion11:
+        return
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:100]}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim response is not part of the body count
+
+
+class _LeanRunner(web.AppRunner):
+    """Serves the app's ``HANDLER`` on aiohttp's low-level server: no router, middleware
+    or per-request app bookkeeping, yet the app's start-up/cleanup hooks and
+    on_response_prepare signals (``--workers`` tags responses) still run."""
+
+    async def _make_server(self) -> web.Server:
+        app, loop = self.app, asyncio.get_running_loop()
+        app._set_loop(loop)
+        app.on_startup.freeze()
+        await app.startup()
+        app.freeze()
+        match = _static_match(app)
+        max_size = app._client_max_size
+
+        def factory(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> web.Request:
+            request = web.Request(
+                message, payload, protocol, writer, task, loop, client_max_size=max_size
+            )
+            request._match_info = match
+            return request
+
+        handler = cast(_BaseHandler, app[HANDLER])  # the factory makes web.Requests
+        return web.Server(handler, request_factory=factory, loop=loop, **self._kwargs)
+
+
+def _static_match(app: web.Application) -> web.UrlMappingMatchInfo:
+    """One frozen match for every request: the catch-all route, in this app."""
+    route = next(iter(app.router.routes()))
+    match = web.UrlMappingMatchInfo({}, route)
+    match.add_app(app)
+    match.freeze()
+    return match
 
 
 def create_admin_app(main: web.Application) -> web.Application:
@@ -250,10 +309,13 @@ def create_admin_app(main: web.Application) -> web.Application:
     return app
 
 
-def _handler(admin_on_main: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        rt = request.app[RUNTIME]
-        rid = request_id_from(request.headers.get("X-Request-Id"))
+        headers = request.headers
+        expect = headers.get("Expect")
+        if expect is not None:  # before anything else, as aiohttp's router does
+            await _expect(request, expect)
+        rid = request_id_from(headers.get("X-Request-Id"))
         ex = Exchange(rid, request.method, "", _peer(request), time.perf_counter())
         rt.observer.metrics.in_flight_now += 1
         try:
@@ -397,7 +459,8 @@ async def start_runner(
         "max_headers": limits.max_headers,
         "keepalive_timeout": limits.keepalive_timeout,
     }
-    runner = web.AppRunner(
+    runner_class = _LeanRunner if HANDLER in app else web.AppRunner
+    runner = runner_class(
         app,
         handle_signals=False,
         shutdown_timeout=cfg.shutdown_grace,
