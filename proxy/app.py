@@ -7,6 +7,7 @@ even if a reload swaps in a new one meanwhile.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -192,6 +193,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     rt.observer.set_token_states(lambda: _token_states(rt))
     for where in _insecure_tls(config):
         rt.observer.warning("TLS verification disabled (insecure_skip_verify)", **where)
+    gc.freeze()  # what start-up made lives on: the collector need not walk it again and again
     try:
         yield
     finally:
