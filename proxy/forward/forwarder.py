@@ -315,16 +315,16 @@ class Forwarder:
         ex: Exchange,
         route: RouteRuntime,
     ) -> web.StreamResponse:
-        headers = response_headers(resp.headers)
         no_body = (
             request.method == "HEAD"
             or resp.status in NO_BODY_STATUSES
             or (100 <= resp.status < 200)
         )
-        rewrite_locations(headers, route.origin, route.base_path, route.prefix)
         cls = _Coalesced if no_body or _complete(resp) else web.StreamResponse
-        out = cls(status=resp.status, reason=resp.reason, headers=headers)
-        out.headers["X-Request-Id"] = ex.request_id
+        out = cls(status=resp.status, reason=resp.reason)
+        headers = response_headers(resp.headers, into=out.headers)
+        rewrite_locations(headers, route.origin, route.base_path, route.prefix)
+        headers["X-Request-Id"] = ex.request_id
         ex.status = resp.status
         length = resp.content_length
         if isinstance(resp, _Buffered):

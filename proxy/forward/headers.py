@@ -66,28 +66,45 @@ def request_headers(
     drop: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
     """Headers for the upstream request, before the token and request id are set."""
-    skip = _REQUEST_DROP | drop
+    skip = _skip_set(drop)
     named = connection_named(incoming) if "Connection" in incoming else frozenset()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name in skip or name in named:
             continue
         out.add(name, value)
+    # the X-Forwarded-* were all skipped above: add is set, without the search
     prior = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted_hop else ""
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out.add("X-Forwarded-For", f"{prior}, {peer}" if prior else peer)
     hop_proto = incoming.get("X-Forwarded-Proto") if trusted_hop else None
     hop_host = incoming.get("X-Forwarded-Host") if trusted_hop else None
-    out["X-Forwarded-Proto"] = hop_proto or scheme
+    out.add("X-Forwarded-Proto", hop_proto or scheme)
     host = hop_host or incoming.get("Host")
     if host:
-        out["X-Forwarded-Host"] = host
+        out.add("X-Forwarded-Host", host)
     return out
 
 
-def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Headers for the client's response; framing is decided by the proxy's own writer."""
+_SKIP_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _skip_set(drop: frozenset[str]) -> frozenset[str]:
+    """The per-route drop set joined with the fixed one, once per route rather than per
+    request (routes are few: the cache stays small)."""
+    skip = _SKIP_SETS.get(drop)
+    if skip is None:
+        skip = _SKIP_SETS[drop] = _REQUEST_DROP | drop
+    return skip
+
+
+def response_headers(
+    incoming: CIMultiDictProxy[str], into: CIMultiDict[str] | None = None
+) -> CIMultiDict[str]:
+    """Headers for the client's response; framing is decided by the proxy's own writer.
+
+    ``into``: the response's own header map, filled in place (saves a copy)."""
     named = connection_named(incoming) if "Connection" in incoming else frozenset()
-    out: CIMultiDict[str] = CIMultiDict()
+    out: CIMultiDict[str] = CIMultiDict() if into is None else into
     for name, value in incoming.items():
         if name in HOP_BY_HOP or name in named or name == "Content-Length":
             continue
