@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import re
 import sys
 import time
@@ -46,7 +46,10 @@ def request_id_from(header_value: str | None) -> str:
     """Keep the client's X-Request-Id when it is safe to echo and log, else make one."""
     if header_value is not None and _SANE_ID.fullmatch(header_value):
         return header_value
-    return os.urandom(16).hex()
+    return f"{_random_bits(128):032x}"  # an id, not a secret: no system call for it
+
+
+_random_bits = random.getrandbits
 
 
 # ---------------------------------------------------------------------------
