@@ -27,6 +27,7 @@ from proxy.config import Config, Listen, Loaded, Provider, Route
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
+from proxy.forward.headers import parse_networks
 from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
 from proxy.forward.transport import Client
@@ -138,6 +139,7 @@ def _route_runtime(route: Route, loaded: Loaded, registry: TokenRegistry) -> Rou
         ssl=client_ssl(route.tls),
         server_hostname=server_hostname(route.tls),
         drop_headers=frozenset(drop),
+        trusted=parse_networks(loaded.config.trusted_proxies),
         proxy=env_proxy(up) if loaded.config.trust_env else None,
     )
 

@@ -292,3 +292,33 @@ async def test_upstream_connections_are_kept_alive(
         assert recorder.connections == 1
     finally:
         server.close()
+
+
+async def test_trusted_hop_forwarded_headers_are_appended(
+    echo: tuple[Echo, URL], start_proxy: StartProxy
+) -> None:
+    e, up = echo
+    proxy = await start_proxy(config(up) + "trusted_proxies: [127.0.0.0/8]\n")
+    raw = await raw_exchange(
+        proxy.port,
+        b"GET /open/t HTTP/1.1\r\nHost: inner\r\nX-Forwarded-For: 203.0.113.7\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: public.example\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    seen = e.seen[0]
+    assert seen.header("X-Forwarded-For") == "203.0.113.7, 127.0.0.1"
+    assert seen.header("X-Forwarded-Proto") == "https"
+    assert seen.header("X-Forwarded-Host") == "public.example"
+
+
+async def test_unknown_expectation_is_417(echo: tuple[Echo, URL], start_proxy: StartProxy) -> None:
+    e, up = echo
+    proxy = await start_proxy(config(up))
+    raw = await raw_exchange(
+        proxy.port,
+        b"POST /svc/e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: teapot\r\n"
+        b"Connection: close\r\n\r\nhi",
+    )
+    assert raw.startswith(b"HTTP/1.1 417")
+    assert e.seen == []

@@ -21,7 +21,13 @@ from yarl import URL
 
 from proxy.config import Route
 from proxy.forward.exchange import Exchange
-from proxy.forward.headers import AUTHORIZATION, request_headers, response_headers
+from proxy.forward.headers import (
+    AUTHORIZATION,
+    Network,
+    is_trusted,
+    request_headers,
+    response_headers,
+)
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
 from proxy.forward.spool import Spool
@@ -51,6 +57,7 @@ class RouteRuntime:
     server_hostname: str | None
     drop_headers: frozenset[str]
     proxy: tuple[URL, aiohttp.BasicAuth | None] | None = None
+    trusted: tuple[Network, ...] = ()  # peers whose X-Forwarded-* are appended to
 
     @property
     def replay(self) -> bool:
@@ -148,7 +155,7 @@ class Forwarder:
             request.headers,
             peer=ex.client,
             scheme=request.scheme,
-            trusted_hop=False,
+            trusted_hop=is_trusted(ex.client, route.trusted),
             drop=route.drop_headers,
         )
         headers["X-Request-Id"] = ex.request_id

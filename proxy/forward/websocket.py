@@ -10,7 +10,7 @@ from aiohttp import WSMsgType, web
 
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import RouteRuntime, _translate
-from proxy.forward.headers import AUTHORIZATION, request_headers
+from proxy.forward.headers import AUTHORIZATION, is_trusted, request_headers
 from proxy.forward.routing import upstream_url
 
 _WS_OWN = frozenset(
@@ -48,7 +48,7 @@ async def proxy_websocket(
         request.headers,
         peer=ex.client,
         scheme=request.scheme,
-        trusted_hop=False,
+        trusted_hop=is_trusted(ex.client, route.trusted),
         drop=route.drop_headers,
     )
     for name in list(headers):
