@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from typing import Any
+from abc import abstractmethod
+from typing import Any, ClassVar
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -115,7 +116,36 @@ class Simacan(Vendor):
         return web.json_response(body | self.expires_in_field())
 
 
-class Simplifi(Vendor):
+class _ClientCredentialsVendor(Vendor):
+    """What the three client-credentials vendors share: one token endpoint, id and secret."""
+
+    token_path: ClassVar[str] = "/oauth/token"
+    client_id: str
+    client_secret: str
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}{self.token_path}"
+
+    def credentials(self) -> list[str]:
+        return [self.client_secret]
+
+    def provider_keys(self) -> dict[str, Any]:
+        return {
+            "token_url": self.token_url,
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+        }
+
+    def token_endpoints(self) -> list[tuple[str, str, Handler]]:
+        return [(self.token_path, "token", self._token)]
+
+    @abstractmethod
+    async def _token(self, request: web.Request) -> web.Response:
+        """The vendor's token endpoint."""
+
+
+class Simplifi(_ClientCredentialsVendor):
     """/oauth/token, client credentials by HTTP Basic only; the answer carries ``__type``,
     a refresh token and a scope nobody asked for."""
 
@@ -131,23 +161,6 @@ class Simplifi(Vendor):
         super().__init__(**kwargs)
         self.client_id = client_id
         self.client_secret = client_secret
-
-    @property
-    def token_url(self) -> str:
-        return f"{self.url}/oauth/token"
-
-    def credentials(self) -> list[str]:
-        return [self.client_secret]
-
-    def provider_keys(self) -> dict[str, Any]:
-        return {
-            "token_url": self.token_url,
-            "client_id": self.client_id,
-            "client_secret": self.client_secret,
-        }
-
-    def token_endpoints(self) -> list[tuple[str, str, Handler]]:
-        return [("/oauth/token", "token", self._token)]
 
     async def _token(self, request: web.Request) -> web.Response:
         rec = _last(self)
@@ -166,12 +179,13 @@ class Simplifi(Vendor):
         return web.json_response(body | self.expires_in_field())
 
 
-class SimpleDocs(Vendor):
+class SimpleDocs(_ClientCredentialsVendor):
     """/api/oauth/token with credentials in the body; scope defaults to "read", "read write"
     must be asked for; errors and expired tokens are problem bodies with a ``type``."""
 
     preset = "simpledocs"
     default_lifetime = 7200
+    token_path = "/api/oauth/token"
 
     def __init__(
         self,
@@ -184,23 +198,6 @@ class SimpleDocs(Vendor):
         self.client_id = client_id
         self.client_secret = client_secret
         self.app_scopes = app_scopes
-
-    @property
-    def token_url(self) -> str:
-        return f"{self.url}/api/oauth/token"
-
-    def credentials(self) -> list[str]:
-        return [self.client_secret]
-
-    def provider_keys(self) -> dict[str, Any]:
-        return {
-            "token_url": self.token_url,
-            "client_id": self.client_id,
-            "client_secret": self.client_secret,
-        }
-
-    def token_endpoints(self) -> list[tuple[str, str, Handler]]:
-        return [("/api/oauth/token", "token", self._token)]
 
     async def _token(self, request: web.Request) -> web.Response:
         form = _form(self)
@@ -238,7 +235,7 @@ def _problem(status: int, kind: str, title: str, detail: str | None = None) -> w
     return web.json_response(doc, status=status)
 
 
-class Sipsim(Vendor):
+class Sipsim(_ClientCredentialsVendor):
     """/oauth/token with credentials in the body, space-separated scopes, RFC 6749 errors;
     the API at /api/v2/<resource> needs <resource>.read (GET) or <resource>.write."""
 
@@ -259,23 +256,6 @@ class Sipsim(Vendor):
         self.client_id = client_id
         self.client_secret = client_secret
         self.app_scopes = self.all_scopes - {"account.write"} if app_scopes is None else app_scopes
-
-    @property
-    def token_url(self) -> str:
-        return f"{self.url}/oauth/token"
-
-    def credentials(self) -> list[str]:
-        return [self.client_secret]
-
-    def provider_keys(self) -> dict[str, Any]:
-        return {
-            "token_url": self.token_url,
-            "client_id": self.client_id,
-            "client_secret": self.client_secret,
-        }
-
-    def token_endpoints(self) -> list[tuple[str, str, Handler]]:
-        return [("/oauth/token", "token", self._token)]
 
     async def _token(self, request: web.Request) -> web.Response:
         form = _form(self)
