@@ -64,6 +64,22 @@ class RouteRuntime:
         return self.source is not None and self.config.replay.enabled
 
 
+def rewrite(
+    request: web.Request, route: RouteRuntime, remainder: str, query: str | None, ex: Exchange
+) -> tuple[URL, CIMultiDict[str]]:
+    """The upstream URL and headers for a request, before the token is set (Go's Rewrite)."""
+    url = upstream_url(route.origin, route.base_path, remainder, query)
+    headers = request_headers(
+        request.headers,
+        peer=ex.client,
+        scheme=request.scheme,
+        trusted_hop=is_trusted(ex.client, route.trusted),
+        drop=route.drop_headers,
+    )
+    headers["X-Request-Id"] = ex.request_id
+    return url, headers
+
+
 class UpstreamFailed(Exception):
     """The upstream failed after the response head went out: the client connection is cut."""
 
@@ -150,15 +166,7 @@ class Forwarder:
         query: str | None,
         ex: Exchange,
     ) -> web.StreamResponse:
-        url = upstream_url(route.origin, route.base_path, remainder, query)
-        headers = request_headers(
-            request.headers,
-            peer=ex.client,
-            scheme=request.scheme,
-            trusted_hop=is_trusted(ex.client, route.trusted),
-            drop=route.drop_headers,
-        )
-        headers["X-Request-Id"] = ex.request_id
+        url, headers = rewrite(request, route, remainder, query, ex)
         limit = self._body_limit(route)
         length = request.content_length
         if limit is not None and length is not None and length > limit:

@@ -9,9 +9,8 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from proxy.forward.exchange import Exchange
-from proxy.forward.forwarder import RouteRuntime, _translate
-from proxy.forward.headers import AUTHORIZATION, is_trusted, request_headers
-from proxy.forward.routing import upstream_url
+from proxy.forward.forwarder import RouteRuntime, _translate, rewrite
+from proxy.forward.headers import AUTHORIZATION
 
 _WS_OWN = frozenset(
     {
@@ -42,19 +41,11 @@ async def proxy_websocket(
 ) -> web.StreamResponse:
     """Connect upstream first (its failure is a normal 502), then accept the client."""
     assert session is not None
-    url = upstream_url(route.origin, route.base_path, remainder, query)
+    url, headers = rewrite(request, route, remainder, query, ex)
     url = url.with_scheme("wss" if url.scheme == "https" else "ws")
-    headers = request_headers(
-        request.headers,
-        peer=ex.client,
-        scheme=request.scheme,
-        trusted_hop=is_trusted(ex.client, route.trusted),
-        drop=route.drop_headers,
-    )
     for name in list(headers):
         if name.lower() in _WS_OWN:
             del headers[name]
-    headers["X-Request-Id"] = ex.request_id
     if route.source is not None:
         token = await route.source.token()
         headers[AUTHORIZATION] = token.authorization
