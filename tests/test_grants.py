@@ -389,8 +389,10 @@ async def test_tls_token_endpoint_with_ca_server_name_and_client_cert(
         token, _ = await make_grant(v.provider(tls=tls), session, clock=clock).fetch(None)
         assert token.value == v.issued[0].value
         untrusted = TLS(server_name="idp.internal")  # system CAs do not know this CA
-        with pytest.raises(TransientTokenError):
+        with pytest.raises(TokenError) as err:
             await make_grant(v.provider(tls=untrusted), session, clock=clock).fetch(None)
+        assert not isinstance(err.value, TransientTokenError)  # a bad certificate is final
+        assert err.value.code == "tls"
         assert len(v.issued) == 1
 
 

@@ -185,8 +185,9 @@ providers:
     wrong = provider.replace(str(pki["ca"]), str(pki["other_ca"]), 1)
     proxy = await start_proxy(wrong + route(up, f"{{ca_file: {pki['ca']}}}", "vendor"))
     status, body = await get(proxy.url)
-    assert status in (502, 503)
+    assert status == 502  # not retried: a certificate does not heal
     assert body["type"] == "https://tokenrelay.dev/problems/token-unavailable"
+    assert body["provider_error"] == "tls"
     assert "Certificate" in str(body["detail"])
     assert "s3cret-over-tls" not in str(body)
 

@@ -221,6 +221,13 @@ class _HttpGrant:
             ) as resp:
                 body = await resp.read()
                 answer = _Answer(resp.status, resp.headers, body, resp.content_type)
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            # a certificate that fails verification does not heal by retrying
+            raise token_error(
+                self.provider.name,
+                f"{step} request to the token endpoint failed TLS: {type(exc).__name__}",
+                code="tls",
+            ) from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             what = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             raise TransientTokenError(
