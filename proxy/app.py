@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from multidict import istr
 from yarl import URL
 
 from proxy.access import ClientAccess
-from proxy.config import Config, Listen, Loaded, Provider, Route
+from proxy.config import Config, Listen, Loaded, Provider, Route, is_loopback
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
@@ -139,9 +138,15 @@ def _route_runtime(route: Route, loaded: Loaded, registry: TokenRegistry) -> Rou
         ssl=client_ssl(route.tls),
         server_hostname=server_hostname(route.tls),
         drop_headers=frozenset(drop),
+        max_body=_max_body(route, loaded.config),
         trusted=parse_networks(loaded.config.trusted_proxies),
         proxy=env_proxy(up) if loaded.config.trust_env else None,
     )
+
+
+def _max_body(route: Route, config: Config) -> int | None:
+    limit = route.max_body if route.max_body is not None else config.limits.max_body
+    return None if limit is None else int(limit)
 
 
 def env_proxy(url: URL) -> tuple[URL, aiohttp.BasicAuth | None] | None:
@@ -189,8 +194,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     rt.spool_dir = spool_root(config.spool_dir)
     rt.session = make_session(config)
     rt.token_session = make_token_session(config)
-    max_body = int(config.limits.max_body) if config.limits.max_body is not None else None
-    rt.forwarder = Forwarder(rt.session, rt.spool_dir, max_body, Client())
+    rt.forwarder = Forwarder(rt.session, rt.spool_dir, Client())
     rt.generation = rt.build(rt.loaded, None)
     rt.observer.set_token_states(lambda: _token_states(rt))
     for where in _insecure_tls(config):
@@ -309,7 +313,7 @@ def create_admin_app(main: web.Application) -> web.Application:
         except ProxyError as err:
             return problem_response(err, rid)
 
-    app.router.add_route("*", "/{tail:.*}", handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
     return app
 
 
@@ -409,18 +413,11 @@ def _peer(request: web.Request) -> str:
     return request.remote or ""
 
 
-def _is_loopback(peer: str) -> bool:
-    try:
-        return ipaddress.ip_address(peer).is_loopback
-    except ValueError:
-        return False
-
-
 async def _admin(
     request: web.Request, rt: Runtime, rid: str, *, on_admin_listener: bool
 ) -> web.StreamResponse:
     path = request.path
-    private = on_admin_listener or _is_loopback(_peer(request))
+    private = on_admin_listener or is_loopback(_peer(request))
     if path == "/-/health":
         return web.json_response({"status": "ok"})
     if path == "/-/ready":

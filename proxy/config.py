@@ -55,17 +55,22 @@ def _check_url(value: str, *, what: str) -> str:
     return value
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address: traffic to it never leaves the machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Listen(Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
 
 class Timeout(Model):
@@ -294,12 +299,7 @@ class Config(Model):
 def _plain_remote(url: str) -> bool:
     """An http:// URL to a host that is not loopback: a token sent there crosses a network."""
     u = URL(url)
-    if u.scheme != "http" or u.host == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(u.host or "").is_loopback
-    except ValueError:
-        return True
+    return u.scheme == "http" and not is_loopback(u.host or "")
 
 
 class _KeyedError(ValueError):

@@ -97,6 +97,13 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
 
 
 @pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client session, as the token layer is given one."""
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session

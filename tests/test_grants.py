@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
 
@@ -37,12 +36,6 @@ from tests.vendors import (
     leaks,
     serve,
 )
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 @pytest.fixture

@@ -31,12 +31,6 @@ from tests.vendors import (
 )
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 @dataclass
 class Rig:
     """A cache over one emulated vendor, with the clock, sleeps and events it used."""

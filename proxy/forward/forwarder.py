@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class RouteRuntime:
     ssl: ssl.SSLContext | bool
     server_hostname: str | None
     drop_headers: frozenset[str]
+    max_body: int | None = None  # the route's or the global limit, resolved at load
     proxy: tuple[URL, aiohttp.BasicAuth | None] | None = None
     trusted: tuple[Network, ...] = ()  # peers whose X-Forwarded-* are appended to
 
@@ -78,6 +79,15 @@ def rewrite(
     )
     headers["X-Request-Id"] = ex.request_id
     return url, headers
+
+
+async def _read_client(read: Awaitable[bytes], timeout: float) -> bytes:
+    """A read of the client's body that a stalled client cannot hold open forever."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await read
+    except TimeoutError:
+        raise ClientTimeout("client stopped sending its request body") from None
 
 
 class UpstreamFailed(Exception):
@@ -116,11 +126,10 @@ class BodyReader:
             if self.complete:
                 return b""
             try:
-                async with asyncio.timeout(self._idle):
-                    chunk = await self._content.readany()
-            except TimeoutError:
-                self.error = ClientTimeout("client stopped sending its request body")
-                raise self.error from None
+                chunk = await _read_client(self._content.readany(), self._idle)
+            except ClientTimeout as err:
+                self.error = err
+                raise
             if not chunk:
                 self.complete = True
                 return b""
@@ -146,13 +155,11 @@ class Forwarder:
         self,
         session: aiohttp.ClientSession,
         spool_dir: Path,
-        max_body: int | None,
         client: Client | None = None,
     ) -> None:
         self._session = session
         self._client = client or Client()
         self._spool_dir = spool_dir
-        self._max_body = max_body
 
     async def aclose(self) -> None:
         """Close the pooled upstream connections (the session is the caller's)."""
@@ -167,18 +174,16 @@ class Forwarder:
         ex: Exchange,
     ) -> web.StreamResponse:
         url, headers = rewrite(request, route, remainder, query, ex)
-        limit = self._body_limit(route)
+        limit = route.max_body
         length = request.content_length
         if limit is not None and length is not None and length > limit:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {limit} bytes")
         if not request.body_exists:
             return await self._exchange(request, route, url, headers, ex, None, None)
         if length is not None and length <= SMALL_BODY:
-            try:
-                async with asyncio.timeout(route.config.timeout.read):
-                    body = await request.content.readexactly(length)
-            except TimeoutError:
-                raise ClientTimeout("client stopped sending its request body") from None
+            body = await _read_client(
+                request.content.readexactly(length), route.config.timeout.read
+            )
             ex.bytes_in = length
             return await self._exchange(request, route, url, headers, ex, body, None)
         spool = self._spool_for(route, length)
@@ -193,10 +198,6 @@ class Forwarder:
         finally:
             if spool is not None:
                 spool.close()
-
-    def _body_limit(self, route: RouteRuntime) -> int | None:
-        limit = route.config.max_body
-        return int(limit) if limit is not None else self._max_body
 
     def _spool_for(self, route: RouteRuntime, length: int | None) -> Spool | None:
         if not route.replay:
@@ -342,8 +343,6 @@ class Forwarder:
         headers["X-Request-Id"] = ex.request_id
         ex.status = resp.status
         length = resp.content_length
-        if isinstance(resp, _Buffered):
-            length = len(resp.body)
         if length is not None and resp.status not in NO_BODY_STATUSES:
             out.content_length = length
         complete = False

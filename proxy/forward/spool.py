@@ -250,14 +250,3 @@ class Spool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    async def __aenter__(self) -> Spool:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
