@@ -23,6 +23,7 @@ from yarl import URL
 
 from proxy.access import ClientAccess
 from proxy.config import Config, Listen, Loaded, Provider, Route, is_loopback
+from proxy.forward.downstream import AiohttpDownstream
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
@@ -395,7 +396,10 @@ async def _proxy(
         if not route.config.websocket:
             raise BadRequest("WebSocket upgrades are off on this route")
         return await proxy_websocket(request, rt.session, route, remainder, target.query, ex)
-    return await fwd.forward(request, route, remainder, target.query, ex)
+    down = AiohttpDownstream(request)
+    await fwd.forward(down, route, remainder, target.query, ex)
+    assert down.response is not None
+    return down.response
 
 
 def _client_gone(request: web.BaseRequest) -> bool:

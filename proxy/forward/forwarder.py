@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Route
+from proxy.forward.downstream import Downstream, Inbound
 from proxy.forward.exchange import Exchange
 from proxy.forward.headers import (
     AUTHORIZATION,
@@ -66,7 +66,7 @@ class RouteRuntime:
 
 
 def rewrite(
-    request: web.Request, route: RouteRuntime, remainder: str, query: str | None, ex: Exchange
+    request: Inbound, route: RouteRuntime, remainder: str, query: str | None, ex: Exchange
 ) -> tuple[URL, CIMultiDict[str]]:
     """The upstream URL and headers for a request, before the token is set (Go's Rewrite)."""
     url = upstream_url(route.origin, route.base_path, remainder, query)
@@ -99,13 +99,13 @@ class BodyReader:
 
     def __init__(
         self,
-        request: web.Request,
+        down: Downstream,
         ex: Exchange,
         spool: Spool | None,
         limit: int | None,
         idle_timeout: float,
     ) -> None:
-        self._content = request.content
+        self._down = down
         self._ex = ex
         self.spool = spool
         self._limit = limit
@@ -126,7 +126,7 @@ class BodyReader:
             if self.complete:
                 return b""
             try:
-                chunk = await _read_client(self._content.readany(), self._idle)
+                chunk = await _read_client(self._down.read_any(), self._idle)
             except ClientTimeout as err:
                 self.error = err
                 raise
@@ -167,12 +167,12 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        request: Downstream,
         route: RouteRuntime,
         remainder: str,
         query: str | None,
         ex: Exchange,
-    ) -> web.StreamResponse:
+    ) -> None:
         url, headers = rewrite(request, route, remainder, query, ex)
         limit = route.max_body
         length = request.content_length
@@ -181,9 +181,7 @@ class Forwarder:
         if not request.body_exists:
             return await self._exchange(request, route, url, headers, ex, None, None)
         if length is not None and length <= SMALL_BODY:
-            body = await _read_client(
-                request.content.readexactly(length), route.config.timeout.read
-            )
+            body = await _read_client(request.read_exactly(length), route.config.timeout.read)
             ex.bytes_in = length
             return await self._exchange(request, route, url, headers, ex, body, None)
         spool = self._spool_for(route, length)
@@ -209,14 +207,14 @@ class Forwarder:
 
     async def _exchange(
         self,
-        request: web.Request,
+        request: Downstream,
         route: RouteRuntime,
         url: URL,
         headers: CIMultiDict[str],
         ex: Exchange,
         body: bytes | None,
         reader: BodyReader | None,
-    ) -> web.StreamResponse:
+    ) -> None:
         token = await route.source.token() if route.source is not None else None
         data = body if reader is None else reader.stream()
         first = await self._send(request.method, url, headers, route, token, data, ex)
@@ -229,7 +227,7 @@ class Forwarder:
 
     async def _maybe_replay(
         self,
-        request: web.Request,
+        request: Downstream,
         route: RouteRuntime,
         url: URL,
         headers: CIMultiDict[str],
@@ -326,57 +324,45 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: Downstream,
         resp: Upstream | _Buffered,
         ex: Exchange,
         route: RouteRuntime,
-    ) -> web.StreamResponse:
+    ) -> None:
         no_body = (
             request.method == "HEAD"
             or resp.status in NO_BODY_STATUSES
             or (100 <= resp.status < 200)
         )
-        cls = _Coalesced if no_body or _complete(resp) else web.StreamResponse
-        out = cls(status=resp.status, reason=resp.reason)
-        headers = response_headers(resp.headers, into=out.headers)
+        headers = response_headers(resp.headers)
         rewrite_locations(headers, route.origin, route.base_path, route.prefix)
         headers["X-Request-Id"] = ex.request_id
         ex.status = resp.status
-        length = resp.content_length
-        if length is not None and resp.status not in NO_BODY_STATUSES:
-            out.content_length = length
+        length = resp.content_length if resp.status not in NO_BODY_STATUSES else None
         complete = False
         try:
             if no_body:
-                await out.prepare(request)
+                await request.respond(resp.status, resp.reason, headers, b"", length)
                 complete = True
-                return out
+                return
             body = resp.body if isinstance(resp, _Buffered) else await _arrived_body(resp)
             if body is None:
                 assert not isinstance(resp, _Buffered)
-                await self._stream(request, resp, out, ex)
+                await request.start(resp.status, resp.reason, headers, length)
+                await self._stream(request, resp, ex)
                 complete = True
-                await out.write_eof()
-                return out
-            await out.prepare(request)
-            await out.write_eof(body)  # the head is still held: one write for both
+                await request.finish()
+                return
+            await request.respond(resp.status, resp.reason, headers, body, length)
             ex.bytes_out += len(body)
             complete = True
-            return out
         finally:
             # a fully read response gives its keep-alive connection back; anything else
             # (client gone, upstream failed) must not reuse it
             resp.release() if complete else resp.close()
 
-    async def _stream(
-        self,
-        request: web.Request,
-        resp: Upstream,
-        out: web.StreamResponse,
-        ex: Exchange,
-    ) -> None:
-        await out.prepare(request)
-        read = resp.readany
+    async def _stream(self, request: Downstream, resp: Upstream, ex: Exchange) -> None:
+        read, write = resp.readany, request.write
         while True:
             try:
                 chunk = await read()
@@ -386,14 +372,8 @@ class Forwarder:
                 raise UpstreamFailed(ex.upstream_error) from exc
             if not chunk:
                 return
-            await out.write(chunk)
+            await write(chunk)
             ex.bytes_out += len(chunk)
-
-
-class _Coalesced(web.StreamResponse):
-    """Holds its head until the body (or the end) is written: one write, not two."""
-
-    _send_headers_immediately = False
 
 
 def _complete(resp: Upstream | _Buffered) -> bool:

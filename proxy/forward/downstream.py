@@ -1,0 +1,141 @@
+"""The client side of one proxied exchange, as the forwarder sees it.
+
+Two servers feed the forwarder: the lean protocol in ``proxy.server`` (the hot path) and
+aiohttp's, which takes every connection the lean one hands over. The forwarder reads the
+request and writes the response through this one small interface, so the replay and
+streaming logic exists once.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+
+class Inbound(Protocol):
+    """What rewriting a request needs to know about it."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+
+class Downstream(Inbound, Protocol):
+    """One request's body in, its response out."""
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def body_exists(self) -> bool: ...
+
+    async def read_exactly(self, n: int) -> bytes:
+        """The whole body of announced length ``n``."""
+        ...
+
+    async def read_any(self) -> bytes:
+        """The next body chunk; ``b""`` at its end."""
+        ...
+
+    async def respond(
+        self,
+        status: int,
+        reason: str | None,
+        headers: CIMultiDict[str],
+        body: bytes,
+        length: int | None,
+    ) -> None:
+        """The whole response at once; ``length`` is the Content-Length to announce
+        (a HEAD answer announces one without a body; None: no body, or ``len(body)``)."""
+        ...
+
+    async def start(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], length: int | None
+    ) -> None:
+        """Send the head of a streamed response (``length`` None: framed by the server)."""
+        ...
+
+    async def write(self, chunk: bytes) -> None:
+        """One body chunk, waiting while the client is slower than the upstream."""
+        ...
+
+    async def finish(self) -> None:
+        """The streamed body is complete."""
+        ...
+
+
+class _Coalesced(web.StreamResponse):
+    """Holds its head until the body (or the end) is written: one write, not two."""
+
+    _send_headers_immediately = False
+
+
+class AiohttpDownstream:
+    """An aiohttp request and the response the forwarder builds for it."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    @property
+    def scheme(self) -> str:
+        return self.request.scheme
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.request.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self.request.content_length
+
+    @property
+    def body_exists(self) -> bool:
+        return self.request.body_exists
+
+    async def read_exactly(self, n: int) -> bytes:
+        return await self.request.content.readexactly(n)
+
+    async def read_any(self) -> bytes:
+        return await self.request.content.readany()
+
+    async def respond(
+        self,
+        status: int,
+        reason: str | None,
+        headers: CIMultiDict[str],
+        body: bytes,
+        length: int | None,
+    ) -> None:
+        out = self.response = _Coalesced(status=status, reason=reason, headers=headers)
+        if length is not None:
+            out.content_length = length
+        await out.prepare(self.request)
+        await out.write_eof(body)  # the head is still held: one write for both
+
+    async def start(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], length: int | None
+    ) -> None:
+        out = self.response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        if length is not None:
+            out.content_length = length
+        await out.prepare(self.request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
