@@ -11,6 +11,7 @@ import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,6 +43,7 @@ from proxy.problems import (
     UpstreamError,
     problem_response,
 )
+from proxy.server import Dispatch, FastDownstream, Head, Serve
 from proxy.tls import client_ssl, server_hostname
 from proxy.tokens.registry import TokenRegistry
 from proxy.tokens.source import Clock, system_clock
@@ -242,6 +244,7 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     handler = _handler(admin_on_main, rt)
     app[HANDLER] = handler
+    app[DISPATCH] = _fast_dispatch(rt)
     app.router.add_route("*", r"/{tail:[\s\S]*}", handler, expect_handler=_expect_in_handler)
     return app
 
@@ -250,6 +253,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _BaseHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 HANDLER: web.AppKey[Handler] = web.AppKey("handler")
 """The main listener's handler: ``start_runner`` serves it without the router."""
+DISPATCH: web.AppKey[Dispatch] = web.AppKey("dispatch")
+"""What the main listener's lean server serves itself (``proxy.server``)."""
 
 
 async def _expect_in_handler(request: web.Request) -> None:
@@ -340,10 +345,7 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
                 return resp
             return await _proxy(request, rt, target, ex)
         except ProxyError as err:
-            ex.status = err.status
-            ex.error = ex.error or err.slug
-            if isinstance(err, UpstreamError):
-                ex.upstream_error = err.kind
+            _failed(ex, err)
             resp = problem_response(err, rid)
             if isinstance(err, FramingError):
                 return await close_after(request, resp)
@@ -372,6 +374,81 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
             rt.observer.request_done(ex)
 
     return handle
+
+
+def _failed(ex: Exchange, err: ProxyError) -> None:
+    ex.status = err.status
+    ex.error = ex.error or err.slug
+    if isinstance(err, UpstreamError):
+        ex.upstream_error = err.kind
+
+
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+
+
+def _fast_dispatch(rt: Runtime) -> Dispatch:
+    """Which requests the lean server serves: proxied ones that pass every check made before
+    a route is chosen. The rest (admin paths, no route, a route still waiting, anything
+    refused) go to aiohttp, which answers them as it always has; nothing here has effects."""
+
+    def dispatch(head: Head) -> Serve | None:
+        gen, fwd = rt.generation, rt.forwarder
+        version = _VERSIONS.get(head.version)
+        if gen is None or fwd is None or version is None:
+            return None
+        try:
+            validate_request(head.raw_headers, method=head.method, version=version)
+            target = Target.parse(head.target)
+        except ProxyError:
+            return None
+        hit = None if target.path.startswith("/-") else gen.table.lookup(target.path)
+        if hit is None or hit[0].waits_for:
+            return None
+        route, remainder = hit
+        return partial(_serve_fast, rt, gen, fwd, route, remainder, target)
+
+    return dispatch
+
+
+async def _serve_fast(
+    rt: Runtime,
+    gen: Generation,
+    fwd: Forwarder,
+    route: RouteRuntime,
+    remainder: str,
+    target: Target,
+    down: FastDownstream,
+) -> None:
+    """``handle`` for a request the lean server took: the same steps, errors and records."""
+    rid = request_id_from(down.headers.get("X-Request-Id"))
+    ex = Exchange(rid, down.method, target.path, down.peer, time.perf_counter())
+    ex.route, ex.provider = route.prefix, route.provider
+    metrics = rt.observer.metrics
+    metrics.in_flight_now += 1
+    try:
+        ex.client_id = gen.access.check(down.headers, route.prefix, route.config.key_header)
+        await fwd.forward(down, route, remainder, target.query, ex)
+    except ProxyError as err:
+        _failed(ex, err)
+        down.problem(err, rid)
+    except UpstreamFailed:
+        down.abort()
+    except ConnectionError:
+        ex.error = ex.error or "client_gone"
+        down.abort()
+    except asyncio.CancelledError:
+        ex.error = ex.error or "client_gone"
+        raise
+    except Exception:
+        log.exception("unhandled error", request_id=rid)
+        if down.head_sent:
+            ex.error = "internal"
+        else:
+            ex.status, ex.error = 500, "internal"
+        down.problem(ProxyError("the proxy failed on this request"), rid)
+    finally:
+        metrics.in_flight_now -= 1
+        rt.observer.request_done(ex)
 
 
 async def _proxy(
@@ -481,6 +558,7 @@ async def start_runner(
         header_timeout=limits.header_timeout,
         max_connections=limits.max_connections,
         reuse_port=reuse_port,
+        dispatch=app.get(DISPATCH),
     )
     await site.start()
     addresses = [a for a in runner.addresses if isinstance(a, tuple)]

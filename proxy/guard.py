@@ -10,10 +10,13 @@ first byte (or of the connection opening), and connections past
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from proxy.server import Dispatch, FastProtocol, Limits
 
 
 class GuardedHandler(RequestHandler):
@@ -77,11 +80,13 @@ class GuardedSite(web.TCPSite):
         max_connections: int,
         reuse_port: bool = False,
         backlog: int = 1024,
+        dispatch: Dispatch | None = None,
     ) -> None:
         super().__init__(runner, host, port, backlog=backlog, reuse_port=reuse_port)
         self._handler_kwargs = handler_kwargs
         self._header_timeout = header_timeout
         self._max_connections = max_connections
+        self._dispatch = dispatch
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -98,8 +103,24 @@ class GuardedSite(web.TCPSite):
                 **self._handler_kwargs,
             )
 
+        dispatch = self._dispatch
+        protocol: Callable[[], asyncio.Protocol] = factory
+        if dispatch is not None:
+            kw = self._handler_kwargs
+            limits = Limits(
+                max_line_size=kw["max_line_size"],
+                max_field_size=kw["max_field_size"],
+                max_headers=kw["max_headers"],
+                header_timeout=self._header_timeout,
+                keepalive_timeout=kw["keepalive_timeout"],
+                max_connections=self._max_connections,
+            )
+
+            def protocol() -> asyncio.Protocol:
+                return FastProtocol(server, dispatch, factory, limits, loop)
+
         self._server = await loop.create_server(
-            factory,
+            protocol,
             self._host,
             self._port,
             backlog=self._backlog,

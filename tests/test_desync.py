@@ -414,7 +414,7 @@ def test_fuzz_nothing_escapes(
     assert len(got) <= 1, got
     if not got:
         return
-    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert re.match(rb"HTTP/1\.[01] 200 ", reply), reply[:300]  # a 1.0 request gets a 1.0 answer
     up = got[0]
     _method, target, _version = up.line.split(b" ")
     assert inside_base(target), target

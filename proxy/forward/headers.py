@@ -112,4 +112,13 @@ def response_headers(
     return out
 
 
+def encode_head(lines: list[str]) -> bytes:
+    """A message head from its lines (each ending in CRLF, the last one empty), refusing a
+    name or value that would smuggle in a line of its own."""
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("a header name or value holds a line break")
+    return text.encode("utf-8", "surrogateescape")
+
+
 AUTHORIZATION = _AUTHORIZATION

@@ -27,6 +27,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.forward.headers import encode_head
+
 KEEPALIVE = 30.0  # idle pooled connections older than this are closed (aiohttp's default)
 DNS_TTL = 10.0
 HIGH_WATER = 512 * 1024  # response bytes buffered before the socket stops being read
@@ -644,10 +646,7 @@ def _head(method: str, url: URL, headers: CIMultiDict[str], framing: str, host_l
     if framing:
         lines.append(framing)
     lines.append("\r\n")
-    text = "".join(lines)
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-        raise ValueError("a header name or value holds a line break")
-    return text.encode("utf-8", "surrogateescape")
+    return encode_head(lines)
 
 
 @dataclass(slots=True)

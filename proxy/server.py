@@ -1,0 +1,472 @@
+"""The main listener's HTTP/1.1 server: httptools heads, one task per request, no framework.
+
+aiohttp's server builds a request object, a payload stream, a response object and a
+writer for every request; for a proxy of small GETs that was most of the CPU. This
+protocol serves the common request itself (a complete head without a body, accepted by
+``dispatch``) and hands the connection over to aiohttp for everything else: bodies,
+Expect, Upgrade, admin paths and anything malformed or over a limit. The hand-over
+switches the transport to an aiohttp protocol and gives it every byte not yet served,
+so aiohttp answers exactly as it does without this layer in front.
+
+Connections are registered with aiohttp's server (``manager``), so the connection cap,
+``pre_shutdown`` (stop taking requests) and ``shutdown`` (let in-flight ones finish)
+cover them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.forward.headers import encode_head
+from proxy.problems import ProxyError, problem_body
+
+MAX_PIPELINED = 256 * 1024  # unserved bytes buffered before the socket stops being read
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_HANDED_OVER = ("expect", "upgrade", "content-length", "transfer-encoding")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+    header_timeout: float
+    keepalive_timeout: float
+    max_connections: int
+
+
+@dataclass(slots=True)
+class Head:
+    """A parsed request head; strings decoded as aiohttp decodes them."""
+
+    method: str
+    version: str  # "1.1" or "1.0"
+    target: str  # the raw request target
+    raw_headers: list[tuple[bytes, bytes]]
+    headers: CIMultiDictProxy[str]
+    keep_alive: bool
+
+
+Serve = Callable[["FastDownstream"], Coroutine[Any, Any, None]]
+Dispatch = Callable[[Head], Serve | None]
+"""Decides, without side effects, whether the lean path serves a request (None: aiohttp)."""
+
+
+class _HeadParser:
+    """httptools callbacks for one head; anything over the limits marks it for aiohttp."""
+
+    __slots__ = ("complete", "headers", "keep_alive", "limits", "oversize", "parser", "raw", "url")
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.url = b""
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.complete = False
+        self.oversize = False
+        self.keep_alive = False
+        self.parser = httptools.HttpRequestParser(self)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_line_size - 16:
+            self.oversize = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw.append((name, value))
+        if len(name) + len(value) > self.limits.max_field_size - 4:
+            self.oversize = True
+        if len(self.raw) > self.limits.max_headers:
+            self.oversize = True
+        self.headers.add(
+            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        )
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()  # reset once the message is complete
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def parse_head(data: bytes, limits: Limits) -> Head | None:
+    """The head of a request without a body, or None when aiohttp should judge it."""
+    cb = _HeadParser(limits)
+    parser = cb.parser
+    try:
+        parser.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers those
+        return None
+    if not cb.complete or cb.oversize:
+        return None
+    headers = cb.headers
+    if any(name in headers for name in _HANDED_OVER):
+        return None
+    return Head(
+        method=parser.get_method().decode("ascii"),
+        version=parser.get_http_version(),
+        target=cb.url.decode("utf-8", "surrogateescape"),
+        raw_headers=cb.raw,
+        headers=CIMultiDictProxy(headers),
+        keep_alive=cb.keep_alive,
+    )
+
+
+class FastProtocol(asyncio.Protocol):
+    """One client connection: serves heads while ``dispatch`` accepts them."""
+
+    _task_handler = None  # what aiohttp's server looks for on a closing connection
+
+    def __init__(
+        self,
+        manager: Any,
+        dispatch: Dispatch,
+        fallback: Callable[[], asyncio.Protocol],
+        limits: Limits,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._manager = manager
+        self._dispatch = dispatch
+        self._fallback = fallback
+        self._limits = limits
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._buf = b""
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._reading_paused = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._since = 0.0  # start of the current wait: for a head, or idle between requests
+        self._limit = limits.header_timeout
+        self.keep_alive = True  # cleared when a response must end the connection
+
+    # --- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._manager.connection_made(self, transport)
+        if len(self._manager.connections) > self._limits.max_connections:
+            transport.close()
+            return
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        self._wait_for(self._limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        first = not self._buf
+        self._buf = self._buf + data if self._buf else data
+        if self._task is not None:
+            if len(self._buf) > MAX_PIPELINED and self.transport is not None:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            return
+        self._next()
+        if first and self._buf and self._task is None:
+            self._wait_for(self._limits.header_timeout)  # a head has begun: due in time
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._stop_timer()
+        if self._task is not None:
+            self._task.cancel()  # as aiohttp's handler_cancellation: the client is gone
+        self._wake_drain(ConnectionResetError("client closed the connection"))
+        self._manager.connection_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain(None)
+
+    # --- aiohttp's server calls these at shutdown
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Take no further requests; close now when idle."""
+        self._closing = True
+        if self._task is None and self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Let the request in flight finish within ``timeout``, then close."""
+        self._closing = True
+        task = self._task
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- serving
+
+    def _next(self) -> None:
+        """Serve the next buffered head, wait for the rest of it, or hand the connection over."""
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self._limits.max_line_size + self._limits.max_field_size or (
+                b"\n\n" in buf
+            ):
+                self._hand_over()
+            return
+        if self._closing:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        head = parse_head(buf[: end + 4], self._limits)
+        serve = None if head is None else self._dispatch(head)
+        if serve is None or head is None:
+            self._hand_over()
+            return
+        self._buf = buf[end + 4 :]
+        self._task = self._loop.create_task(serve(FastDownstream(self, head)))
+        self._task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        down_keeps = not task.cancelled() and task.exception() is None
+        transport = self.transport
+        if transport is None:
+            return
+        if self._closing or not down_keeps or not self.keep_alive or transport.is_closing():
+            transport.close()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if not self._buf:
+            self._wait_for(self._limits.keepalive_timeout)
+            return
+        self._next()
+        if self._buf and self._task is None:
+            self._wait_for(self._limits.header_timeout)
+
+    def _hand_over(self) -> None:
+        """Give the connection and its unserved bytes to aiohttp, for good."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._stop_timer()
+        self._manager.connection_lost(self, None)
+        protocol = self._fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._reading_paused:
+            transport.resume_reading()
+        buf, self._buf = self._buf, b""
+        if buf and not transport.is_closing():
+            protocol.data_received(buf)
+
+    # --- timers: one per connection, re-armed only when it fires early
+
+    def _wait_for(self, limit: float) -> None:
+        self._since = self._loop.time()
+        self._limit = limit
+        deadline = self._since + limit
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._task is not None or self.transport is None:
+            return  # busy: the wait starts again when the response is done
+        deadline = self._since + self._limit
+        if self._loop.time() >= deadline:
+            self.transport.close()
+            return
+        self._timer = self._loop.call_at(deadline, self._check)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- writing
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client closed the connection")
+        transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client closed the connection")
+        transport.writelines(parts)
+
+    async def drain(self) -> None:
+        if self.write_paused:
+            self._drain = self._loop.create_future()
+            await self._drain
+
+    def _wake_drain(self, exc: Exception | None) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            if exc is None:
+                drain.set_result(None)
+            else:
+                drain.set_exception(exc)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class FastDownstream:
+    """One request on a ``FastProtocol``, as the forwarder's ``Downstream``."""
+
+    __slots__ = ("_chunked", "_conn", "_head", "head_sent")
+
+    scheme = "http"
+    content_length = None
+    body_exists = False
+
+    def __init__(self, conn: FastProtocol, head: Head) -> None:
+        self._conn = conn
+        self._head = head
+        self._chunked = False
+        self.head_sent = False
+
+    @property
+    def method(self) -> str:
+        return self._head.method
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._head.headers
+
+    @property
+    def peer(self) -> str:
+        return self._conn.peer
+
+    async def read_exactly(self, n: int) -> bytes:
+        if n:
+            raise ValueError("this request has no body")
+        return b""
+
+    async def read_any(self) -> bytes:
+        return b""
+
+    async def respond(
+        self,
+        status: int,
+        reason: str | None,
+        headers: CIMultiDict[str],
+        body: bytes,
+        length: int | None,
+    ) -> None:
+        if length is not None:
+            framing = f"Content-Length: {length}\r\n"
+        elif self._head.method == "HEAD" or status in (204, 304) or status < 200:
+            framing = ""
+        else:  # the upstream framed it without a length: so does the proxy (chunked)
+            await self.start(status, reason, headers, None)
+            if body:
+                await self.write(body)
+            await self.finish()
+            return
+        head = self._head_bytes(status, reason, headers, framing)
+        self._conn.write(head + body if body else head)
+
+    async def start(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], length: int | None
+    ) -> None:
+        if length is not None:
+            framing = f"Content-Length: {length}\r\n"
+        elif self._head.version == "1.1":
+            framing, self._chunked = "Transfer-Encoding: chunked\r\n", True
+        else:  # HTTP/1.0: the end of the body is the end of the connection
+            framing, self._conn.keep_alive = "", False
+        self._conn.write(self._head_bytes(status, reason, headers, framing))
+
+    async def write(self, chunk: bytes) -> None:
+        conn = self._conn
+        if self._chunked:
+            conn.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+        else:
+            conn.write(chunk)
+        if conn.write_paused:
+            await conn.drain()
+
+    async def finish(self) -> None:
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+
+    def problem(self, err: ProxyError, request_id: str) -> None:
+        """The proxy's own error; once a head is out only cutting the connection is honest."""
+        if self.head_sent:
+            self._conn.abort()
+            return
+        headers = CIMultiDict(err.headers)
+        headers["Content-Type"] = "application/problem+json"
+        headers["X-Request-Id"] = request_id
+        body = problem_body(err, request_id)
+        framing = f"Content-Length: {len(body)}\r\n"
+        self._conn.write(self._head_bytes(err.status, None, headers, framing) + body)
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+    def _head_bytes(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], framing: str
+    ) -> bytes:
+        head = self._head
+        keep = head.keep_alive and self._conn.keep_alive and not self._conn.closing
+        if not keep:
+            self._conn.keep_alive = False
+        if reason is None:
+            reason = _PHRASES.get(status, "")
+        lines = [f"HTTP/{head.version} {status} {reason}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        if "Date" not in headers:
+            lines.append(f"Date: {_http_date()}\r\n")
+        if "Server" not in headers:
+            lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
+        if framing:
+            lines.append(framing)
+        if not keep and head.version == "1.1":
+            lines.append("Connection: close\r\n")
+        elif keep and head.version == "1.0":
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        data = encode_head(lines)
+        self.head_sent = True
+        return data
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
