@@ -168,6 +168,28 @@ async def test_keep_alive_reuses_both_connections(start_proxy: StartProxy) -> No
         server.close()
 
 
+async def test_date_and_server_added_only_when_missing(start_proxy: StartProxy) -> None:
+    vendor = b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\nServer: vendor-x\r\n"
+    recorder = Recorder(response=b"HTTP/1.1 200 OK\r\n" + vendor + b"Content-Length: 2\r\n\r\nok")
+    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    bare = Recorder()
+    bare_server = await asyncio.start_server(bare.handle, "127.0.0.1", 0)
+    ports = [s.sockets[0].getsockname()[1] for s in (server, bare_server)]
+    route = f"  - prefix: /bare/\n    upstream: http://127.0.0.1:{ports[1]}/\n"
+    try:
+        proxy = await start_proxy(config(URL(f"http://127.0.0.1:{ports[0]}"), route))
+        async with connect(proxy.port) as c:
+            await c.send(req("/svc/v") + req("/bare/v"))
+            passed, added = await c.answer(), await c.answer()
+    finally:
+        server.close()
+        bare_server.close()
+    assert passed.headers.getall("Date") == ["Mon, 01 Jan 2024 00:00:00 GMT"]
+    assert passed.headers.getall("Server") == ["vendor-x"]
+    assert len(added.headers.getall("Date")) == len(added.headers.getall("Server")) == 1
+    assert added.headers["Date"].endswith(" GMT") and added.body == b"ok"
+
+
 # --- hand-over to aiohttp within a connection
 
 BODY = random.Random(5).randbytes(300 * 1024) + b"\r\n\r\nGET /svc/evil HTTP/1.1\r\n\r\n"
