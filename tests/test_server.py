@@ -474,11 +474,6 @@ async def test_over_long_header_line_is_refused_by_aiohttp(
     assert paths(e) == ["/base/fits"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lean server holds an unfinished head until max_line_size + max_field_size bytes "
-    "(or header_timeout); aiohttp refuses a field over max_field_size at once",
-)
 async def test_unfinished_head_with_an_over_long_field_is_refused_at_once(
     echo: tuple[Echo, URL], start_proxy: StartProxy
 ) -> None:
@@ -490,11 +485,6 @@ async def test_unfinished_head_with_an_over_long_field_is_refused_at_once(
         assert (await c.answer()).status in (400, 431)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a head ending in LF CRLF has neither CRLFCRLF nor LFLF: the lean server waits "
-    "for header_timeout and closes without an answer; aiohttp answers 400",
-)
 async def test_head_ending_in_lf_crlf_is_400(
     echo: tuple[Echo, URL], start_proxy: StartProxy
 ) -> None:
@@ -506,11 +496,6 @@ async def test_head_ending_in_lf_crlf_is_400(
     assert e.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp refuses a repeated singleton header (User-Agent, Content-Type, ETag, "
-    "Max-Forwards, ...) with 400; the lean server forwards the request upstream",
-)
 async def test_repeated_singleton_header_is_refused_by_the_proxy(
     start_proxy: StartProxy,
 ) -> None:

@@ -36,12 +36,14 @@ class Target:
     @classmethod
     def parse(cls, raw: str) -> Target:
         """Split a request target; absolute-form keeps only its path, never its host."""
-        m = _ABSOLUTE_FORM.match(raw)
-        if m:
-            raw = raw[m.end() :] or "/"
-        if not raw.startswith("/"):
-            raise BadRequest("request target must be a path")
-        raw = raw.split("#", 1)[0]
+        if raw[:1] != "/":  # origin-form, the usual case, cannot be absolute-form
+            m = _ABSOLUTE_FORM.match(raw)
+            if m:
+                raw = raw[m.end() :] or "/"
+            if not raw.startswith("/"):
+                raise BadRequest("request target must be a path")
+        if "#" in raw:
+            raw = raw.split("#", 1)[0]
         path, sep, query = raw.partition("?")
         return cls(path, query if sep else None)
 

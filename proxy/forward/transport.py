@@ -103,6 +103,14 @@ class Response:
     response (whose Content-Length announces no body) from confusing the next one.
     """
 
+    __slots__ = (
+        "_buffered", "_callback_error", "_chunks", "_conn", "_error", "_head_bytes",
+        "_head_done", "_head_only", "_interim", "_keep_alive", "_left", "_loop", "_parser",
+        "_paused", "_raw", "_read_timeout", "_status_text", "_until_close", "_waiter",
+        "content_length", "done", "got_bytes", "headers", "keep_alive", "reason", "sender",
+        "sent", "status",
+    )  # fmt: skip
+
     status: int
     reason: str
     headers: CIMultiDictProxy[str]
