@@ -166,6 +166,7 @@ class FastProtocol(asyncio.Protocol):
         self._since = 0.0  # start of the current wait: for a head, or idle between requests
         self._limit = limits.header_timeout
         self.keep_alive = True  # cleared when a response must end the connection
+        self.flow: tuple[Callable[[], None], Callable[[], None]] | None = None  # see on_flow
 
     # --- asyncio callbacks
 
@@ -204,10 +205,14 @@ class FastProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.flow is not None:
+            self.flow[0]()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self._wake_drain(None)
+        if self.flow is not None:
+            self.flow[1]()
 
     # --- aiohttp's server calls these at shutdown
 
@@ -426,14 +431,25 @@ class FastDownstream:
             framing, self._conn.keep_alive = "", False
         self._conn.write(self._head_bytes(status, reason, headers, framing))
 
-    async def write(self, chunk: bytes) -> None:
-        conn = self._conn
+    @property
+    def sink(self) -> FastDownstream:
+        return self
+
+    def write_now(self, chunk: bytes) -> None:
         if self._chunked:
-            conn.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+            self._conn.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
         else:
-            conn.write(chunk)
-        if conn.write_paused:
-            await conn.drain()
+            self._conn.write(chunk)
+
+    def on_flow(self, pause: Callable[[], None] | None, resume: Callable[[], None] | None) -> None:
+        self._conn.flow = None if pause is None or resume is None else (pause, resume)
+        if pause is not None and self._conn.write_paused:
+            pause()
+
+    async def write(self, chunk: bytes) -> None:
+        self.write_now(chunk)
+        if self._conn.write_paused:
+            await self._conn.drain()
 
     async def finish(self) -> None:
         if self._chunked:

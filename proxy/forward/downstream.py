@@ -8,6 +8,7 @@ streaming logic exists once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -27,8 +28,25 @@ class Inbound(Protocol):
     def headers(self) -> CIMultiDictProxy[str]: ...
 
 
+class Sink(Protocol):
+    """A client connection a streamed body can be written to from a callback."""
+
+    def write_now(self, chunk: bytes) -> None:
+        """Queue ``chunk`` for the client; raises ConnectionError once it is gone."""
+        ...
+
+    def on_flow(self, pause: Callable[[], None] | None, resume: Callable[[], None] | None) -> None:
+        """Call ``pause`` when the client falls behind and ``resume`` when it caught up."""
+        ...
+
+
 class Downstream(Inbound, Protocol):
     """One request's body in, its response out."""
+
+    @property
+    def sink(self) -> Sink | None:
+        """Where a streamed body can go without a task switch per chunk (None: use write)."""
+        ...
 
     @property
     def content_length(self) -> int | None: ...
@@ -79,6 +97,8 @@ class _Coalesced(web.StreamResponse):
 
 class AiohttpDownstream:
     """An aiohttp request and the response the forwarder builds for it."""
+
+    sink = None
 
     def __init__(self, request: web.Request) -> None:
         self.request = request

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Route
-from proxy.forward.downstream import Downstream, Inbound
+from proxy.forward.downstream import Downstream, Inbound, Sink
 from proxy.forward.exchange import Exchange
 from proxy.forward.headers import (
     AUTHORIZATION,
@@ -31,7 +31,7 @@ from proxy.forward.headers import (
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
 from proxy.forward.spool import Spool
-from proxy.forward.transport import Client, Response, TransportError
+from proxy.forward.transport import Client, Response, SinkFailed, TransportError
 from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
 from proxy.tokens.source import Token, TokenSource
 
@@ -362,18 +362,46 @@ class Forwarder:
             resp.release() if complete else resp.close()
 
     async def _stream(self, request: Downstream, resp: Upstream, ex: Exchange) -> None:
+        sink = request.sink
+        if sink is not None and isinstance(resp, Response):
+            await _splice(resp, sink, ex)
+            return
         read, write = resp.readany, request.write
         while True:
             try:
                 chunk = await read()
             except _CLIENT_ERRORS as exc:
-                ex.upstream_error = _translate(exc).kind
-                ex.error = "upstream_aborted"
-                raise UpstreamFailed(ex.upstream_error) from exc
+                raise _aborted(exc, ex) from exc
             if not chunk:
                 return
             await write(chunk)
             ex.bytes_out += len(chunk)
+
+
+async def _splice(resp: Response, sink: Sink, ex: Exchange) -> None:
+    """The body straight from the upstream's callback into the client's transport, the
+    client's backpressure pausing the upstream: no task switch per chunk."""
+
+    def deliver(chunk: bytes) -> None:
+        sink.write_now(chunk)
+        ex.bytes_out += len(chunk)
+
+    sink.on_flow(resp.pause, resp.resume)
+    try:
+        await resp.splice(deliver)
+    except SinkFailed as exc:
+        raise ConnectionResetError("the client went away mid-body") from exc
+    except _CLIENT_ERRORS as exc:
+        raise _aborted(exc, ex) from exc
+    finally:
+        sink.on_flow(None, None)
+
+
+def _aborted(exc: BaseException, ex: Exchange) -> UpstreamFailed:
+    """The upstream failed mid-body: recorded, and the client connection is to be cut."""
+    ex.upstream_error = _translate(exc).kind
+    ex.error = "upstream_aborted"
+    return UpstreamFailed(ex.upstream_error)
 
 
 def _complete(resp: Upstream | _Buffered) -> bool:

@@ -68,6 +68,10 @@ class BodyFailed(TransportError):
     """The request body's source raised; the exception is chained."""
 
 
+class SinkFailed(TransportError):
+    """What a spliced body was handed to failed (the client went away); the cause is chained."""
+
+
 class _Stale(ConnectionLost):
     """A pooled connection died before answering a request that can be sent again."""
 
@@ -106,9 +110,9 @@ class Response:
     __slots__ = (
         "_buffered", "_callback_error", "_chunks", "_conn", "_error", "_head_bytes",
         "_head_done", "_head_only", "_interim", "_keep_alive", "_left", "_loop", "_parser",
-        "_paused", "_raw", "_read_timeout", "_status_text", "_until_close", "_waiter",
-        "content_length", "done", "got_bytes", "headers", "keep_alive", "reason", "sender",
-        "sent", "status",
+        "_paused", "_raw", "_read_timeout", "_sink", "_sink_error", "_sink_last", "_sink_paused",
+        "_status_text", "_until_close", "_waiter", "content_length", "done", "got_bytes",
+        "headers", "keep_alive", "reason", "sender", "sent", "status",
     )  # fmt: skip
 
     status: int
@@ -128,6 +132,10 @@ class Response:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
+        self._sink: collections.abc.Callable[[bytes], None] | None = None
+        self._sink_error: BaseException | None = None
+        self._sink_last = 0.0  # when the sink last got a chunk: the idle read timeout's start
+        self._sink_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._callback_error: TransportError | None = None
@@ -163,6 +171,45 @@ class Response:
             if self.done:
                 return b""
             await self._wait()
+
+    async def splice(self, sink: collections.abc.Callable[[bytes], None]) -> None:
+        """Hand the rest of the body to ``sink`` from the connection's own callback, chunk by
+        chunk as it arrives, and return once it is complete. A streamed body then costs no
+        task switch per chunk; ``pause``/``resume`` carry the sink's backpressure.
+
+        Raises ``SinkFailed`` when ``sink`` raised (the client went away), the transport's
+        errors when the upstream failed, and TimeoutError when it stalled for the read timeout.
+        """
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            self._buffered -= len(chunk)
+            sink(chunk)
+        self._sink = sink
+        self._sink_last = self._loop.time()
+        if self._paused:
+            self._resume()
+        while not self.done:
+            if self._error is not None:
+                break
+            await self._wait_idle()
+        if self._sink_error is not None:
+            raise SinkFailed("the sink failed") from self._sink_error
+        if self._error is not None:
+            raise self._error
+
+    def pause(self) -> None:
+        """The sink is full: stop reading the upstream."""
+        if not self._sink_paused:
+            self._sink_paused = True
+            if self._conn is not None:
+                self._conn.pause_reading()
+
+    def resume(self) -> None:
+        if self._sink_paused:
+            self._sink_paused = False
+            self._sink_last = self._loop.time()
+            if self._conn is not None:
+                self._conn.resume_reading()
 
     def release(self) -> None:
         """Give the connection back when the exchange is complete; close it otherwise."""
@@ -308,6 +355,9 @@ class Response:
         if self.done:  # a body after HEAD, 204 or 304: the connection cannot be reused
             self._fail(ProtocolError("upstream sent a body where none belongs"))
             return
+        if self._sink is not None:
+            self._to_sink(body)
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._left is not None:
@@ -353,6 +403,43 @@ class Response:
     def _timed_out(self, waiter: asyncio.Future[None]) -> None:
         if not waiter.done():
             self._fail(TimeoutError("upstream sent nothing within the read timeout"))
+
+    def _to_sink(self, body: bytes) -> None:
+        if self._left is not None:
+            self._left -= len(body)
+        self._sink_last = self._loop.time()
+        try:
+            assert self._sink is not None
+            self._sink(body)
+        except Exception as exc:  # the client side failed: stop reading, tell splice()
+            self._sink_error = exc
+            self._sink = None
+            self._fail(SinkFailed("the sink failed"))
+
+    async def _wait_idle(self) -> None:
+        """Wait for the end of a spliced body; only a stall of ``read_timeout`` fails it."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = None
+        if self._read_timeout is not None:
+            timer = self._loop.call_at(self._loop.time() + self._read_timeout, self._idle_check)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _idle_check(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._read_timeout is None:
+            return
+        if self._sink_paused:  # the client is slow, not the upstream: wait on
+            self._sink_last = self._loop.time()
+        due = self._sink_last + self._read_timeout
+        if self._loop.time() >= due:
+            self._fail(TimeoutError("upstream sent nothing within the read timeout"))
+            return
+        self._loop.call_at(due, self._idle_check)
 
     def _resume(self) -> None:
         self._paused = False
