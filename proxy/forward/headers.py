@@ -37,10 +37,16 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Headers listed in Connection are hop-by-hop for this message too."""
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(istr(t.strip()) for t in value.split(",") if t.strip())
-    return frozenset(named)
+    values = tuple(headers.getall("Connection", ()))
+    named = _NAMED.get(values)
+    if named is None:
+        named = frozenset(istr(t.strip()) for v in values for t in v.split(",") if t.strip())
+        if len(_NAMED) < 256:  # the usual values (keep-alive, close) repeat endlessly
+            _NAMED[values] = named
+    return named
+
+
+_NAMED: dict[tuple[str, ...], frozenset[str]] = {}
 
 
 def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:

@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 DECODE_ROUNDS = 4
 _OVERLONG = re.compile(rb"[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
+_PLAIN = re.compile(r"[A-Za-z0-9/_.~-]*")
 _ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 
@@ -78,6 +79,8 @@ class RouteTable(Generic[T]):
 
 def check_remainder(remainder: str) -> None:
     """Refuse a path remainder that could leave the route's base on some upstream."""
+    if _PLAIN.fullmatch(remainder) and ".." not in remainder:
+        return  # no escapes, separators, parameters or non-ASCII: nothing to decode
     if "\\" in remainder:
         raise BadRequest("backslash in path")
     if "%u" in remainder or "%U" in remainder:
