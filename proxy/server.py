@@ -399,6 +399,9 @@ class FastDownstream:
     async def read_any(self) -> bytes:
         return b""
 
+    def read_nowait(self) -> bytes:
+        return b""
+
     async def respond(
         self,
         status: int,

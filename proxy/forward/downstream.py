@@ -62,6 +62,10 @@ class Downstream(Inbound, Protocol):
         """The next body chunk; ``b""`` at its end."""
         ...
 
+    def read_nowait(self) -> bytes:
+        """Body bytes that already arrived; ``b""`` when none (or at the end)."""
+        ...
+
     async def respond(
         self,
         status: int,
@@ -129,6 +133,9 @@ class AiohttpDownstream:
 
     async def read_any(self) -> bytes:
         return await self.request.content.readany()
+
+    def read_nowait(self) -> bytes:
+        return self.request.content.read_nowait()
 
     async def respond(
         self,

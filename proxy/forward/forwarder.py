@@ -125,8 +125,10 @@ class BodyReader:
         async with self._lock:
             if self.complete:
                 return b""
-            try:
-                chunk = await _read_client(self._down.read_any(), self._idle)
+            try:  # what already arrived needs no timer; only a wait does
+                chunk = self._down.read_nowait() or await _read_client(
+                    self._down.read_any(), self._idle
+                )
             except ClientTimeout as err:
                 self.error = err
                 raise

@@ -513,6 +513,10 @@ class _Connection(asyncio.Protocol):
         else:
             self.transport.write(data)
 
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
     async def drain(self) -> None:
         if self.closed:
             raise ConnectionLost("upstream closed while the request was sent")
@@ -784,4 +788,5 @@ class _Send:
             if self.length is not None and sent > self.length:
                 raise BodyFailed("request body longer than its Content-Length")
             conn.write([b"%x\r\n" % len(chunk), chunk, b"\r\n"] if chunked else chunk)
-            await conn.drain()
+            if conn.write_paused:
+                await conn.drain()
