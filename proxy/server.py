@@ -16,6 +16,7 @@ cover them too.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class Head:
     raw_headers: list[tuple[bytes, bytes]]
     headers: CIMultiDictProxy[str]
     keep_alive: bool
+    content_length: int = 0  # body bytes that follow the head
+    expect_continue: bool = False  # answer 100 Continue before the body is read
 
 
 Serve = Callable[["FastDownstream"], Coroutine[Any, Any, None]]
@@ -75,13 +78,12 @@ class _HeadParser:
 
     def on_headers_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()  # reset once the message is complete
-
-    def on_message_complete(self) -> None:
         self.complete = True
 
 
 def parse_head(data: bytes, limits: Limits) -> Head | None:
-    """The head (ending in CRLF CRLF) of a request without a body; None: aiohttp judges it."""
+    """The head (ending in CRLF CRLF) of a request with no body or a Content-Length one;
+    None: aiohttp judges it (chunked bodies, upgrades, unknown expectations, anything odd)."""
     cb = _HeadParser()
     try:
         cb.parser.feed_data(data)
@@ -102,20 +104,25 @@ def parse_head(data: bytes, limits: Limits) -> Head | None:
     if len(raw) > 1 and _repeats_a_singleton(raw):
         return None
     headers = CIMultiDict([(n.decode(_ENC, _ERR), v.decode(_ENC, _ERR)) for n, v in raw])
-    if (
-        "Content-Length" in headers
-        or "Transfer-Encoding" in headers
-        or "Expect" in headers
-        or "Upgrade" in headers
-    ):
+    if "Transfer-Encoding" in headers or "Upgrade" in headers:
         return None
+    version = first[2][5:].decode("ascii")
+    length = headers.get("Content-Length", "0")
+    expect = headers.get("Expect")
+    if not length.isdigit() or len(length) > 18:
+        return None
+    continue_ = expect is not None and version == "1.1"  # HTTP/1.0 ignores Expect
+    if continue_ and expect is not None and expect.lower() != "100-continue":
+        return None  # aiohttp answers 417
     return Head(
         method=first[0].decode("ascii"),
-        version=first[2][5:].decode("ascii"),
+        version=version,
         target=first[1].decode(_ENC, _ERR),
         raw_headers=raw,
         headers=CIMultiDictProxy(headers),
         keep_alive=cb.keep_alive,
+        content_length=int(length),
+        expect_continue=continue_,
     )
 
 
@@ -166,6 +173,7 @@ class FastProtocol(asyncio.Protocol):
         self._since = 0.0  # start of the current wait: for a head, or idle between requests
         self._limit = limits.header_timeout
         self.keep_alive = True  # cleared when a response must end the connection
+        self._body: _Body | None = None  # the request body being received
         self.flow: tuple[Callable[[], None], Callable[[], None]] | None = None  # see on_flow
 
     # --- asyncio callbacks
@@ -181,6 +189,11 @@ class FastProtocol(asyncio.Protocol):
         self._wait_for(self._limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        body = self._body
+        if body is not None and body.left:
+            data = body.feed(data)  # the request body's bytes, as they came: no copy
+            if not data:
+                return
         first = not self._buf
         self._buf = self._buf + data if self._buf else data
         if self._task is not None:
@@ -198,6 +211,8 @@ class FastProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._stop_timer()
+        if self._body is not None:
+            self._body.lost()
         if self._task is not None:
             self._task.cancel()  # as aiohttp's handler_cancellation: the client is gone
         self._wake_drain(ConnectionResetError("client closed the connection"))
@@ -257,8 +272,16 @@ class FastProtocol(asyncio.Protocol):
         if serve is None or head is None:
             self._hand_over()
             return
-        self._buf = buf[end + 4 :]
-        self._task = self._loop.create_task(serve(FastDownstream(self, head)))
+        rest = buf[end + 4 :]
+        down = FastDownstream(self, head)
+        if head.content_length:
+            self._body = body = _Body(self, head.content_length)
+            down.body = body
+            rest = body.feed(rest) if rest else rest
+            if head.expect_continue and body.left:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._buf = rest
+        self._task = self._loop.create_task(serve(down))
         self._task.add_done_callback(self._served)
 
     def _unfinished_head_refused(self, buf: bytes) -> bool:
@@ -273,10 +296,18 @@ class FastProtocol(asyncio.Protocol):
     def _served(self, task: asyncio.Task[None]) -> None:
         self._task = None
         down_keeps = not task.cancelled() and task.exception() is None
+        unread = self._body is not None and self._body.left > 0  # nothing after it is a head
+        self._body = None
         transport = self.transport
         if transport is None:
             return
-        if self._closing or not down_keeps or not self.keep_alive or transport.is_closing():
+        if (
+            self._closing
+            or unread
+            or not down_keeps
+            or not self.keep_alive
+            or transport.is_closing()
+        ):
             transport.close()
             return
         if self._reading_paused:
@@ -363,21 +394,103 @@ class FastProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def pause_body(self, paused: bool) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    @property
+    def body_unread(self) -> bool:
+        return self._body is not None and self._body.left > 0
+
+
+BODY_HIGH_WATER = 1024 * 1024  # request body bytes queued before the socket stops being read
+BODY_LOW_WATER = 256 * 1024
+
+
+class _Body:
+    """A Content-Length request body as it arrives: chunks queued for the forwarder
+    without copies, the socket paused while too much waits."""
+
+    __slots__ = ("_chunks", "_conn", "_lost", "_paused", "_queued", "_waiter", "left")
+
+    def __init__(self, conn: FastProtocol, length: int) -> None:
+        self._conn = conn
+        self.left = length  # bytes still to arrive
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._paused = False
+        self._lost = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """Take this body's share of ``data``; returns what follows the body."""
+        take = data if len(data) <= self.left else data[: self.left]
+        self.left -= len(take)
+        self._chunks.append(take)
+        self._queued += len(take)
+        if self._queued > BODY_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._conn.pause_body(True)
+        self._wake()
+        return data[len(take) :] if len(take) < len(data) else b""
+
+    def lost(self) -> None:
+        self._lost = True
+        self._wake()
+
+    def read_nowait(self) -> bytes:
+        if not self._chunks:
+            return b""
+        chunk = self._chunks.popleft()
+        self._queued -= len(chunk)
+        if self._paused and self._queued <= BODY_LOW_WATER:
+            self._paused = False
+            self._conn.pause_body(False)
+        return chunk
+
+    async def read_any(self) -> bytes:
+        while not self._chunks:
+            if not self.left:
+                return b""
+            if self._lost:
+                raise ConnectionResetError("client closed the connection mid-body")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.read_nowait()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
 
 class FastDownstream:
     """One request on a ``FastProtocol``, as the forwarder's ``Downstream``."""
 
-    __slots__ = ("_chunked", "_conn", "_head", "head_sent")
+    __slots__ = ("_chunked", "_conn", "_head", "body", "head_sent")
 
     scheme = "http"
-    content_length = None
-    body_exists = False
 
     def __init__(self, conn: FastProtocol, head: Head) -> None:
         self._conn = conn
         self._head = head
         self._chunked = False
         self.head_sent = False
+        self.body: _Body | None = None
+
+    @property
+    def content_length(self) -> int | None:
+        return self._head.content_length if "Content-Length" in self._head.headers else None
+
+    @property
+    def body_exists(self) -> bool:
+        return self.body is not None
 
     @property
     def method(self) -> str:
@@ -392,15 +505,21 @@ class FastDownstream:
         return self._conn.peer
 
     async def read_exactly(self, n: int) -> bytes:
-        if n:
-            raise ValueError("this request has no body")
-        return b""
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            chunk = await self.read_any()
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"".join(parts), n)
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_any(self) -> bytes:
-        return b""
+        return b"" if self.body is None else await self.body.read_any()
 
     def read_nowait(self) -> bytes:
-        return b""
+        return b"" if self.body is None else self.body.read_nowait()
 
     async def respond(
         self,
@@ -477,7 +596,8 @@ class FastDownstream:
         self, status: int, reason: str | None, headers: CIMultiDict[str], framing: str
     ) -> bytes:
         head = self._head
-        keep = head.keep_alive and self._conn.keep_alive and not self._conn.closing
+        conn = self._conn
+        keep = head.keep_alive and conn.keep_alive and not conn.closing and not conn.body_unread
         if not keep:
             self._conn.keep_alive = False
         if reason is None:
