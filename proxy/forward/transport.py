@@ -191,7 +191,7 @@ class Response:
         while not self.done:
             if self._error is not None:
                 break
-            await self._wait_idle()
+            await self._wait(idle=True)
         if self._sink_error is not None:
             raise SinkFailed("the sink failed") from self._sink_error
         if self._error is not None:
@@ -388,11 +388,13 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self) -> None:
+    async def _wait(self, idle: bool = False) -> None:
+        """Wait for the next event; ``idle``: only a stall of the spliced body times out."""
         waiter = self._waiter = self._loop.create_future()
         timer = None
         if self._read_timeout is not None:
-            timer = self._loop.call_later(self._read_timeout, self._timed_out, waiter)
+            check = self._idle_check if idle else self._timed_out
+            timer = self._loop.call_at(self._loop.time() + self._read_timeout, check)
         try:
             await waiter
         finally:
@@ -400,8 +402,9 @@ class Response:
             if timer is not None:
                 timer.cancel()
 
-    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def _timed_out(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
             self._fail(TimeoutError("upstream sent nothing within the read timeout"))
 
     def _to_sink(self, body: bytes) -> None:
@@ -415,19 +418,6 @@ class Response:
             self._sink_error = exc
             self._sink = None
             self._fail(SinkFailed("the sink failed"))
-
-    async def _wait_idle(self) -> None:
-        """Wait for the end of a spliced body; only a stall of ``read_timeout`` fails it."""
-        waiter = self._waiter = self._loop.create_future()
-        timer = None
-        if self._read_timeout is not None:
-            timer = self._loop.call_at(self._loop.time() + self._read_timeout, self._idle_check)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
 
     def _idle_check(self) -> None:
         waiter = self._waiter
