@@ -70,6 +70,7 @@ TARGET_RSS_MB = 60.0
 
 DIRECT, TOKENRELAY, NGINX = "direct", "tokenrelay", "nginx"
 NAMES = (DIRECT, TOKENRELAY, NGINX)
+FLOOR = "floor"  # bench/floor.py: small responses only, a calibration, not a competitor
 
 WRK_SCRIPT = """
 done = function(summary, latency, requests)
@@ -478,7 +479,8 @@ class Stack:
         self.targets[DIRECT] = Target(
             DIRECT, f"http://{self.upstream}", "/", f"http://{self.backends}", None
         )
-        for name, start in ((TOKENRELAY, self.start_tokenrelay), (NGINX, self.start_nginx)):
+        starts = ((TOKENRELAY, self.start_tokenrelay), (NGINX, self.start_nginx))
+        for name, start in (*starts, (FLOOR, self.start_floor)):
             try:
                 self.targets[name] = start()
             except BenchError as exc:
@@ -529,6 +531,14 @@ class Stack:
         conf = nginx_proxy_conf(self.work, port, self.upstream, self.backends)
         proc = self.run_nginx(NGINX, conf, addr)
         return Target(NGINX, f"http://{addr}", "/up/", f"http://{addr}", proc.pid)
+
+    def start_floor(self) -> Target:
+        port = free_port()
+        argv = [sys.executable, str(BENCH / "floor.py"), str(port), self.upstream]
+        proc = self.procs.start(FLOOR, argv)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(self.procs, FLOOR, proc, f"{base}/up/small")
+        return Target(FLOOR, base, "/up/", base, proc.pid)
 
     def check(self, target: Target) -> None:
         """Refuse to time a path that serves the wrong thing: fast 404s prove nothing."""
@@ -718,8 +728,9 @@ class Bench:
 
     def small_responses(self) -> None:
         """Targets interleaved per connection count, so drift in the machine's load spreads."""
+        floor = [self.stack.targets[FLOOR]] if FLOOR in self.stack.targets else []
         for conns in CONNS:
-            for target in self.targets():
+            for target in [*self.targets(), *floor]:
                 log(f"small responses, {conns} conn: {target.name}")
                 try:
                     load = measure_load(target, conns, self.mode, self.script)
@@ -1048,8 +1059,35 @@ def render(r: Results) -> str:
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     rows = [*load_rows(r, 1), *load_rows(r, 64), *transfer_rows(r)]
-    lines = [*head, *(render_row(r, row) for row in rows), token_row(r), ""]
+    lines = [*head, *(render_row(r, row) for row in rows), token_row(r), "", *floor_rows(r)]
     return "\n".join(lines + method_notes(r)) + "\n"
+
+
+def floor_rows(r: Results) -> list[str]:
+    """What a featureless callback-only Python proxy costs in the same run (bench/floor.py)."""
+    out = [
+        "Calibration, same run: `bench/floor.py`, a callback-only httptools proxy on uvloop with "
+        "no features at all (no checks, token, logs, metrics or streaming): the floor for "
+        "CPython on this machine.",
+        "",
+        "| small responses | floor | tokenrelay | nginx | tokenrelay / floor |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for conns in CONNS:
+        loads = {n: r.loads.get((n, conns)) for n in (FLOOR, TOKENRELAY, NGINX, DIRECT)}
+        direct = loads[DIRECT]
+        cpu = {n: (v.cpu_us if v is not None else None) for n, v in loads.items()}
+        added = {
+            n: (v.p50_ms - direct.p50_ms if v is not None and direct is not None else None)
+            for n, v in loads.items()
+        }
+        for label, vals, spec in (("proxy CPU per request (µs)", cpu, ".1f"),
+                                  ("added p50 over direct (ms)", added, ".3f")):  # fmt: skip
+            cells = " | ".join(fmt(vals.get(n), spec) for n in (FLOOR, TOKENRELAY, NGINX))
+            out.append(
+                f"| {conns} conn: {label} | {cells} | {ratio(vals[TOKENRELAY], vals[FLOOR])} |"
+            )
+    return [*out, ""]
 
 
 METHOD = """How it was measured:
