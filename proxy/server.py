@@ -296,8 +296,10 @@ class FastProtocol(asyncio.Protocol):
     def _served(self, task: asyncio.Task[None]) -> None:
         self._task = None
         down_keeps = not task.cancelled() and task.exception() is None
-        unread = self._body is not None and self._body.left > 0  # nothing after it is a head
-        self._body = None
+        body, self._body = self._body, None
+        unread = body is not None and body.left > 0  # nothing after it is a head
+        if body is not None and body.paused:
+            self.pause_body(False)  # what it held back is dropped with it
         transport = self.transport
         if transport is None:
             return
@@ -414,14 +416,14 @@ class _Body:
     """A Content-Length request body as it arrives: chunks queued for the forwarder
     without copies, the socket paused while too much waits."""
 
-    __slots__ = ("_chunks", "_conn", "_lost", "_paused", "_queued", "_waiter", "left")
+    __slots__ = ("_chunks", "_conn", "_lost", "_queued", "_waiter", "left", "paused")
 
     def __init__(self, conn: FastProtocol, length: int) -> None:
         self._conn = conn
         self.left = length  # bytes still to arrive
         self._chunks: collections.deque[bytes] = collections.deque()
         self._queued = 0
-        self._paused = False
+        self.paused = False  # the socket is not read while too much waits here
         self._lost = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -431,8 +433,8 @@ class _Body:
         self.left -= len(take)
         self._chunks.append(take)
         self._queued += len(take)
-        if self._queued > BODY_HIGH_WATER and not self._paused:
-            self._paused = True
+        if self._queued > BODY_HIGH_WATER and not self.paused:
+            self.paused = True
             self._conn.pause_body(True)
         self._wake()
         return data[len(take) :] if len(take) < len(data) else b""
@@ -446,8 +448,8 @@ class _Body:
             return b""
         chunk = self._chunks.popleft()
         self._queued -= len(chunk)
-        if self._paused and self._queued <= BODY_LOW_WATER:
-            self._paused = False
+        if self.paused and self._queued <= BODY_LOW_WATER:
+            self.paused = False
             self._conn.pause_body(False)
         return chunk
 
