@@ -71,6 +71,11 @@ class _HeadParser:
 
     __slots__ = ("complete", "keep_alive", "parser")
 
+    # callbacks httptools looks up and this class leaves out: found as None, a failed
+    # attribute lookup (an exception raised and caught) per parser is not paid
+    on_url = on_header = on_body = on_message_begin = on_message_complete = None
+    on_chunk_header = on_chunk_complete = None
+
     def __init__(self) -> None:
         self.complete = False
         self.keep_alive = False

@@ -677,19 +677,33 @@ async def test_stalled_streamed_body_is_never_presented_as_complete(
 ) -> None:
     taker = await Taker.started(start_upstream)
     answer = await stall(MIB, 300 * KIB, taker, start_proxy)
-    assert answer.status in (408, 504)  # see the xfail below for which one it should be
+    assert answer.status == 408
     got = await taker.next_body()
     assert got.error is not None and got.length < MIB
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the upstream's read timer runs from the request head while the client is still "
-    "sending the body: a stalled client is answered 504 upstream-timeout, not 408",
-)
 async def test_stalled_streamed_body_is_blamed_on_the_client(
     start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     taker = await Taker.started(start_upstream)
     answer = await stall(MIB, 300 * KIB, taker, start_proxy)
     assert_problem(answer, 408, "rid-slow")
+
+
+async def test_upstream_that_stops_reading_the_body_is_an_upstream_timeout(
+    start_upstream: StartUpstream, start_proxy: StartProxy
+) -> None:
+    """The read timeout, off while the body goes out, covers an upstream not taking it."""
+    taker = await Taker.started(start_upstream, reads=False)
+    proxy = await start_proxy(config(taker.url).replace("read: 5", "read: 0.5"))
+    body = random.Random(65).randbytes(BIG)
+    async with connect(proxy.port) as c:
+        c.small_send_buffer()
+        await c.send(upload("/svc/big", body, "X-Request-Id: rid-up\r\n")[: -len(body)])
+        await push_until_stalled(c, body)
+        answer = await c.answer()
+        assert await c.closed() == b""
+    assert_problem(answer, 504, "rid-up")
+    assert answer.json()["type"].endswith("upstream-timeout")
+    assert answer.headers["Connection"] == "close"
+    assert taker.got.empty()

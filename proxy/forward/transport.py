@@ -119,6 +119,7 @@ class Response:
     reason: str
     headers: CIMultiDictProxy[str]
     content_length: int | None
+    on_chunk_header = on_chunk_complete = None  # looked up by httptools: None is cheaper
 
     def __init__(self, conn: _Connection, method: str, read_timeout: float | None) -> None:
         self._conn: _Connection | None = conn
@@ -280,6 +281,10 @@ class Response:
         exc = task.exception()
         if exc is None:
             self.sent = True
+            self._wake()  # the wait for the head is timed from now on
+            return
+        if isinstance(exc, TimeoutError):
+            self._fail(TimeoutError("upstream stopped reading the request body"))
             return
         if isinstance(exc, TransportError):
             self._fail(exc)
@@ -289,10 +294,12 @@ class Response:
         self._fail(error)
 
     async def wait_head(self) -> None:
+        """The head, timed only once the body is out: until then an upstream that says
+        nothing is still reading, and a stalled client is the body reader's to time out."""
         while not self._head_done:
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            await self._wait(timed=self.sent)
 
     # --- httptools callbacks
 
@@ -388,11 +395,11 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self, idle: bool = False) -> None:
+    async def _wait(self, idle: bool = False, timed: bool = True) -> None:
         """Wait for the next event; ``idle``: only a stall of the spliced body times out."""
         waiter = self._waiter = self._loop.create_future()
         timer = None
-        if self._read_timeout is not None:
+        if self._read_timeout is not None and timed:
             check = self._idle_check if idle else self._timed_out
             timer = self._loop.call_at(self._loop.time() + self._read_timeout, check)
         try:
@@ -620,7 +627,7 @@ class Client:
         pool = self._pool(url, ssl, server_hostname)
         framing, length = _framing(method, headers, body)
         head = _head(method, url, headers, framing, pool.host_line)
-        send = _Send(head, body, length)
+        send = _Send(head, body, length, read_timeout=read_timeout)
         conn = pool.take(asyncio.get_running_loop().time())
         if conn is not None:
             try:
@@ -746,6 +753,7 @@ class _Send:
     body: Body
     length: int | None
     pulled: bool = False
+    read_timeout: float | None = None  # how long the upstream may leave the body unread
 
     async def stream(self, conn: _Connection, body: AsyncIterable[bytes]) -> None:
         """Send the body after the head; a body not matching its Content-Length fails."""
@@ -778,5 +786,6 @@ class _Send:
             if self.length is not None and sent > self.length:
                 raise BodyFailed("request body longer than its Content-Length")
             conn.write([b"%x\r\n" % len(chunk), chunk, b"\r\n"] if chunked else chunk)
-            if conn.write_paused:
-                await conn.drain()
+            if conn.write_paused:  # an upstream that stops reading is as stalled as a silent one
+                async with asyncio.timeout(self.read_timeout):
+                    await conn.drain()
