@@ -24,7 +24,7 @@ _RATE = re.compile(r"(\d+(?:\.\d+)?)/([smh])")
 
 
 def key_digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 def parse_rate(rate: str) -> float:

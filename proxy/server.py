@@ -179,6 +179,8 @@ class FastProtocol(asyncio.Protocol):
         self._limit = limits.header_timeout
         self.keep_alive = True  # cleared when a response must end the connection
         self._body: _Body | None = None  # the request body being received
+        self._discard = 0  # body bytes still to drop before closing (see _linger)
+        self._deferred = False  # a served head waits for the client to read its answers
         self.flow: tuple[Callable[[], None], Callable[[], None]] | None = None  # see on_flow
 
     # --- asyncio callbacks
@@ -194,6 +196,11 @@ class FastProtocol(asyncio.Protocol):
         self._wait_for(self._limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:  # lingering: the rest of a body nobody will read
+            self._discard -= min(self._discard, len(data))
+            if not self._discard:
+                self._end_linger()
+            return
         body = self._body
         if body is not None and body.left:
             data = body.feed(data)  # the request body's bytes, as they came: no copy
@@ -233,6 +240,11 @@ class FastProtocol(asyncio.Protocol):
         self._wake_drain(None)
         if self.flow is not None:
             self.flow[1]()
+        if self._deferred and self._task is None and self.transport is not None:
+            self._deferred = False
+            self._reading_paused = False
+            self.transport.resume_reading()
+            self._next_or_wait()
 
     # --- aiohttp's server calls these at shutdown
 
@@ -292,7 +304,8 @@ class FastProtocol(asyncio.Protocol):
     def _unfinished_head_refused(self, buf: bytes) -> bool:
         """Whether aiohttp would refuse this head before its end arrives: a bare LF, or a
         line already over its limit. Waiting would only delay its answer."""
-        if buf.count(b"\n") != buf.count(b"\r\n"):
+        lines = buf.count(b"\r\n")
+        if buf.count(b"\n") != lines or lines > self._limits.max_headers + 1:
             return True
         start = buf.rfind(b"\n") + 1
         limit = self._limits.max_line_size if start == 0 else self._limits.max_field_size
@@ -308,24 +321,57 @@ class FastProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if (
-            self._closing
-            or unread
-            or not down_keeps
-            or not self.keep_alive
-            or transport.is_closing()
-        ):
+        if unread and not transport.is_closing():
+            assert body is not None
+            self._linger(body.left)
+            return
+        if self._closing or not down_keeps or not self.keep_alive or transport.is_closing():
             transport.close()
+            return
+        if self.write_paused:  # a client not reading its answers gets no more of them
+            self._pause_reading()
+            self._deferred = True
             return
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
+        self._next_or_wait()
+
+    def _next_or_wait(self) -> None:
+        """After a response: serve what is buffered, or start the idle wait."""
         if not self._buf:
             self._wait_for(self._limits.keepalive_timeout)
             return
         self._next()
         if self._buf and self._task is None:
             self._wait_for(self._limits.header_timeout)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _linger(self, left: int) -> None:
+        """Close our side now and drop the rest of an unread body before closing for good
+        (a lingering close, as nginx does): closing with bytes unread would reset the
+        connection, and a client still sending would lose the answer just sent."""
+        self._discard = left
+        self._buf = b""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._stop_timer()
+        self._timer = self._loop.call_later(LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.close()
 
     def _hand_over(self) -> None:
         """Give the connection and its unserved bytes to aiohttp, for good."""
@@ -337,6 +383,8 @@ class FastProtocol(asyncio.Protocol):
         protocol = self._fallback()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        if self.write_paused:  # the transport will not say so again
+            protocol.pause_writing()
         if self._reading_paused:
             transport.resume_reading()
         buf, self._buf = self._buf, b""
@@ -413,6 +461,7 @@ class FastProtocol(asyncio.Protocol):
         return self._body is not None and self._body.left > 0
 
 
+LINGER_SECONDS = 10.0  # how long an unread body is drained before closing (aiohttp's)
 BODY_HIGH_WATER = 1024 * 1024  # request body bytes queued before the socket stops being read
 BODY_LOW_WATER = 256 * 1024
 
@@ -565,6 +614,8 @@ class FastDownstream:
         return self
 
     def write_now(self, chunk: bytes) -> None:
+        if not chunk:
+            return  # an empty chunk would end a chunked body
         if self._chunked:
             self._conn.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
         else:

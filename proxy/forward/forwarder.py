@@ -446,6 +446,9 @@ class _Buffered:
         except _CLIENT_ERRORS as exc:
             resp.close()
             raise _translate(exc) from exc
+        except BaseException:  # cancelled (the client left): the connection is not reusable
+            resp.close()
+            raise
         if len(body) > cap:
             resp.close()
             raise UpstreamError("reset", "upstream 401 body too large to hold for a replay")

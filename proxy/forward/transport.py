@@ -109,10 +109,10 @@ class Response:
 
     __slots__ = (
         "_buffered", "_callback_error", "_chunks", "_conn", "_error", "_head_bytes",
-        "_head_done", "_head_only", "_interim", "_keep_alive", "_left", "_loop", "_parser",
-        "_paused", "_raw", "_read_timeout", "_sink", "_sink_error", "_sink_last", "_sink_paused",
-        "_status_text", "_until_close", "_waiter", "content_length", "done", "got_bytes",
-        "headers", "keep_alive", "reason", "sender", "sent", "status",
+        "_head_done", "_head_only", "_idle_timer", "_interim", "_keep_alive", "_left", "_loop",
+        "_parser", "_paused", "_raw", "_read_timeout", "_sink", "_sink_error", "_sink_last",
+        "_sink_paused", "_status_text", "_until_close", "_waiter", "content_length", "done",
+        "got_bytes", "headers", "keep_alive", "reason", "sender", "sent", "status",
     )  # fmt: skip
 
     status: int
@@ -138,6 +138,7 @@ class Response:
         self._sink_last = 0.0  # when the sink last got a chunk: the idle read timeout's start
         self._sink_paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None  # the read timeout of _wait
         self._error: BaseException | None = None
         self._callback_error: TransportError | None = None
         self._head_done = False
@@ -187,12 +188,17 @@ class Response:
             sink(chunk)
         self._sink = sink
         self._sink_last = self._loop.time()
-        if self._paused:
-            self._resume()
-        while not self.done:
-            if self._error is not None:
-                break
-            await self._wait(idle=True)
+        if self._paused:  # the queue is drained; the sink's own pause still holds
+            self._paused = False
+            if not self._sink_paused and self._conn is not None:
+                self._conn.resume_reading()
+        try:
+            while not self.done:
+                if self._error is not None:
+                    break
+                await self._wait(idle=True)
+        finally:
+            self._sink = None
         if self._sink_error is not None:
             raise SinkFailed("the sink failed") from self._sink_error
         if self._error is not None:
@@ -218,6 +224,9 @@ class Response:
         if conn is None:
             return
         if self.done and self.keep_alive and self.sent and not conn.closed:
+            if self._paused or self._sink_paused:  # a pooled connection must hear its close
+                self._paused = self._sink_paused = False
+                conn.resume_reading()
             conn.park()
         else:
             self._abort(conn)
@@ -398,16 +407,16 @@ class Response:
     async def _wait(self, idle: bool = False, timed: bool = True) -> None:
         """Wait for the next event; ``idle``: only a stall of the spliced body times out."""
         waiter = self._waiter = self._loop.create_future()
-        timer = None
         if self._read_timeout is not None and timed:
             check = self._idle_check if idle else self._timed_out
-            timer = self._loop.call_at(self._loop.time() + self._read_timeout, check)
+            self._idle_timer = self._loop.call_at(self._loop.time() + self._read_timeout, check)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
 
     def _timed_out(self) -> None:
         waiter = self._waiter
@@ -436,7 +445,7 @@ class Response:
         if self._loop.time() >= due:
             self._fail(TimeoutError("upstream sent nothing within the read timeout"))
             return
-        self._loop.call_at(due, self._idle_check)
+        self._idle_timer = self._loop.call_at(due, self._idle_check)
 
     def _resume(self) -> None:
         self._paused = False
