@@ -341,7 +341,7 @@ def fuzz_request(
     ``Connection: close`` makes the trailing SMUGGLED request bytes that only a proxy
     misreading the framing would ever forward.
     """
-    lengths = [v for n, v in fields if n.lower() == "content-length"]
+    lengths = [v.strip(" \t") for n, v in fields if n.lower() == "content-length"]  # OWS
     codings = [v for n, v in fields if n.lower() == "transfer-encoding"]
     body, meant = b"", None
     if not codings and len(lengths) == 1 and lengths[0].isdigit():
