@@ -177,11 +177,13 @@ async def test_early_413_reaches_a_client_still_sending(
 
 @dataclass
 class Raw:
-    """A raw upstream answering each request with ``body``; counts connections, requests."""
+    """A raw upstream answering each request with ``body`` in blocks; counts connections and
+    requests, and signals each block its socket took."""
 
     body: bytes
     connections: int = 0
     requests: int = 0
+    progress: asyncio.Event = field(default_factory=asyncio.Event)  # set per block written
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -190,8 +192,10 @@ class Raw:
                 await reader.readuntil(b"\r\n\r\n")
                 self.requests += 1
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body))
-                writer.write(self.body)
-                await writer.drain()
+                for at in range(0, len(self.body), 64 * KIB):
+                    writer.write(self.body[at : at + 64 * KIB])
+                    await writer.drain()
+                    self.progress.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -248,8 +252,8 @@ async def test_splice_keeps_the_clients_pause() -> None:
     try:
         async with asyncio.timeout(WAIT):
             resp = await client.request("GET", url, CIMultiDict(), read_timeout=WAIT)
-            while resp.buffered <= 512 * KIB:
-                await asyncio.sleep(0)  # a yield to the socket callbacks, not a timer
+            await until_quiet(up.progress)  # the upstream is blocked: the Response paused
+            assert resp.buffered > 512 * KIB
             got = hashlib.sha256()
             size = 0
             arrived = asyncio.Event()
