@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-from collections.abc import Awaitable, Callable
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import orjson
 from aiohttp import web
+
+from proxy.app import RUNTIME, create_app, start_runner
+from proxy.config import parse_config
+from proxy.observability import Observer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -211,3 +219,60 @@ def provider_json(vendor: object, **overrides: object) -> str:
     keys.update(vendor.provider_keys())  # type: ignore[attr-defined]
     keys.update(overrides)
     return orjson.dumps(keys).decode()
+
+
+class LogStream(io.StringIO):
+    """The proxy's log stream; ``written`` fires on every write, so a test can wait for a line."""
+
+    def __init__(self, wait: float = 10.0) -> None:
+        super().__init__()
+        self.written = asyncio.Event()
+        self.wait = wait
+
+    def write(self, text: str) -> int:
+        self.written.set()
+        return super().write(text)
+
+    async def access_line(self, path: str) -> dict[str, Any]:
+        """The access line for ``path``, once it has been written."""
+        async with asyncio.timeout(self.wait):
+            while True:
+                self.written.clear()
+                for line in self.getvalue().splitlines():
+                    doc = orjson.loads(line)
+                    if doc.get("event") == "access" and doc.get("path") == path:
+                        return dict(doc)
+                await self.written.wait()
+
+
+@dataclass
+class OwnProxy:
+    """A proxy a test starts and stops itself (``runner.cleanup`` is the shutdown)."""
+
+    port: int
+    runner: web.AppRunner
+    app: web.Application
+    logs: LogStream
+
+    @property
+    def in_flight(self) -> int:
+        return self.app[RUNTIME].observer.metrics.in_flight_now
+
+
+async def start_own_proxy(text: str, tmp_path: Path) -> OwnProxy:
+    loaded = parse_config(text, "t.yaml", {}, tmp_path)
+    cfg, logs = loaded.config, LogStream()
+    app = create_app(loaded, Observer("json", stream=logs))
+    runner, port = await start_runner(app, cfg, cfg.listen.model_copy(update={"port": 0}))
+    return OwnProxy(port, runner, app, logs)
+
+
+@asynccontextmanager
+async def own_proxy(text: str, tmp_path: Path) -> AsyncIterator[OwnProxy]:
+    """A proxy whose log stream a test can wait on, stopped at the end unless the test did."""
+    proxy = await start_own_proxy(text, tmp_path)
+    try:
+        yield proxy
+    finally:
+        if proxy.runner.server is not None:
+            await proxy.runner.cleanup()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import random
 import re
 from collections.abc import AsyncIterator
@@ -24,11 +23,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.app import RUNTIME, create_app, start_runner
-from proxy.config import parse_config
-from proxy.observability import Observer
+from proxy.app import RUNTIME
 from tests.conftest import StartProxy, StartUpstream
-from tests.helpers import Echo, Recorder
+from tests.helpers import Echo, Recorder, own_proxy
 
 WAIT = 5.0  # outer bound on any single wait for the proxy: a hang fails, never stalls
 
@@ -574,52 +571,6 @@ async def test_a_long_response_outlives_the_idle_timeout(
 
 
 # --- disconnects and shutdown
-
-
-class LogStream(io.StringIO):
-    """The proxy's log stream; ``written`` fires on every write, so a test can wait for a line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = asyncio.Event()
-
-    def write(self, text: str) -> int:
-        self.written.set()
-        return super().write(text)
-
-    async def access_line(self, path: str) -> dict[str, Any]:
-        """The access line for ``path``, once it has been written."""
-        async with asyncio.timeout(WAIT):
-            while True:
-                self.written.clear()
-                for line in self.getvalue().splitlines():
-                    doc = orjson.loads(line)
-                    if doc.get("event") == "access" and doc.get("path") == path:
-                        return dict(doc)
-                await self.written.wait()
-
-
-@dataclass
-class OwnProxy:
-    """A proxy this test starts and stops itself (``runner.cleanup`` is the shutdown)."""
-
-    port: int
-    runner: web.AppRunner
-    app: web.Application
-    logs: LogStream
-
-
-@asynccontextmanager
-async def own_proxy(text: str, tmp_path: Path) -> AsyncIterator[OwnProxy]:
-    loaded = parse_config(text, "t.yaml", {}, tmp_path)
-    cfg, logs = loaded.config, LogStream()
-    app = create_app(loaded, Observer("json", stream=logs))
-    runner, port = await start_runner(app, cfg, cfg.listen.model_copy(update={"port": 0}))
-    try:
-        yield OwnProxy(port, runner, app, logs)
-    finally:
-        if runner.server is not None:  # not shut down by the test
-            await runner.cleanup()
 
 
 async def test_client_gone_mid_stream_releases_the_upstream(

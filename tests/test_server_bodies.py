@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import random
 import re
 import socket
@@ -27,11 +26,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.app import RUNTIME, create_app, start_runner
-from proxy.config import parse_config
-from proxy.observability import Observer
+from proxy.app import RUNTIME
 from tests.conftest import StartProxy, StartUpstream
-from tests.helpers import Echo, provider_json
+from tests.helpers import Echo, own_proxy, provider_json
 from tests.vendors import Simplifi, serve
 
 WAIT = 10.0  # outer bound on any single wait: a hang fails, never stalls
@@ -508,48 +505,6 @@ async def test_over_max_body_sent_whole_is_never_read_as_a_head(
 
 
 # --- 6. the client goes away mid-body
-
-
-class LogStream(io.StringIO):
-    """The proxy's log stream; ``written`` fires on every write, so a test can wait for a line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = asyncio.Event()
-
-    def write(self, text: str) -> int:
-        self.written.set()
-        return super().write(text)
-
-    async def access_line(self, path: str) -> dict[str, Any]:
-        async with asyncio.timeout(WAIT):
-            while True:
-                self.written.clear()
-                for line in self.getvalue().splitlines():
-                    doc = orjson.loads(line)
-                    if doc.get("event") == "access" and doc.get("path") == path:
-                        return dict(doc)
-                await self.written.wait()
-
-
-@dataclass
-class OwnProxy:
-    port: int
-    app: web.Application
-    logs: LogStream
-
-
-@asynccontextmanager
-async def own_proxy(text: str, tmp_path: Path) -> AsyncIterator[OwnProxy]:
-    """A proxy whose log stream a test can wait on."""
-    loaded = parse_config(text, "t.yaml", {}, tmp_path)
-    cfg, logs = loaded.config, LogStream()
-    app = create_app(loaded, Observer("json", stream=logs))
-    runner, port = await start_runner(app, cfg, cfg.listen.model_copy(update={"port": 0}))
-    try:
-        yield OwnProxy(port, app, logs)
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("size", [10 * KIB, 5 * MIB], ids=["small", "streamed"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import random
 import socket
 import struct
@@ -25,16 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.app import RUNTIME, create_app, start_runner
-from proxy.config import parse_config
-from proxy.observability import Observer
 from tests.conftest import StartUpstream
+from tests.helpers import OwnProxy, start_own_proxy
 
 WAIT = 10.0  # outer bound on any single wait: a hang fails, never stalls the suite
 QUIET = 0.5  # an upstream whose writes made no progress this long is blocked
@@ -93,53 +89,17 @@ class Hasher:
 # --- a proxy whose access log a test can wait on
 
 
-class LogStream(io.StringIO):
-    """The proxy's log stream; ``written`` fires on every write, so a test can wait for a line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = asyncio.Event()
-
-    def write(self, text: str) -> int:
-        self.written.set()
-        return super().write(text)
-
-    async def access_line(self, path: str) -> dict[str, Any]:
-        async with asyncio.timeout(WAIT):
-            while True:
-                self.written.clear()
-                for line in self.getvalue().splitlines():
-                    doc = orjson.loads(line)
-                    if doc.get("event") == "access" and doc.get("path") == path:
-                        return dict(doc)
-                await self.written.wait()
-
-
-@dataclass
-class Running:
-    port: int
-    app: web.Application
-    logs: LogStream
-
-    @property
-    def in_flight(self) -> int:
-        return self.app[RUNTIME].observer.metrics.in_flight_now
-
-
-StartLogged = Callable[[str], Awaitable[Running]]
+StartLogged = Callable[[str], Awaitable[OwnProxy]]
 
 
 @pytest.fixture
 async def start_logged(tmp_path: Path) -> AsyncIterator[StartLogged]:
     runners: list[web.AppRunner] = []
 
-    async def start(text: str) -> Running:
-        loaded = parse_config(text, "t.yaml", {}, tmp_path)
-        cfg, logs = loaded.config, LogStream()
-        app = create_app(loaded, Observer("json", stream=logs))
-        runner, port = await start_runner(app, cfg, cfg.listen.model_copy(update={"port": 0}))
-        runners.append(runner)
-        return Running(port, app, logs)
+    async def start(text: str) -> OwnProxy:
+        proxy = await start_own_proxy(text, tmp_path)
+        runners.append(proxy.runner)
+        return proxy
 
     yield start
     for runner in reversed(runners):
@@ -496,7 +456,7 @@ async def test_an_upstream_dying_mid_chunked_body_never_gets_a_last_chunk(
     await assert_serves_small(proxy)
 
 
-async def assert_serves_small(proxy: Running) -> None:
+async def assert_serves_small(proxy: OwnProxy) -> None:
     """The proxy is healthy: a new connection gets a normal answer, nothing is in flight."""
     async with connect(proxy.port) as c:
         await c.get("/svc/small")
