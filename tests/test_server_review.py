@@ -184,9 +184,13 @@ class Raw:
     connections: int = 0
     requests: int = 0
     progress: asyncio.Event = field(default_factory=asyncio.Event)  # set per block written
+    _open: dict[asyncio.Task[None], asyncio.StreamWriter] = field(default_factory=dict)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = writer
         try:
             while True:
                 await reader.readuntil(b"\r\n\r\n")
@@ -200,6 +204,15 @@ class Raw:
             pass
         finally:
             writer.close()
+            self._open.pop(task, None)
+
+    async def stop(self, server: asyncio.Server) -> None:
+        """Close the listener and every connection, and let their handlers end."""
+        server.close()
+        tasks = list(self._open)
+        for writer in self._open.values():
+            writer.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def url(self) -> tuple[asyncio.Server, URL]:
         server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -238,7 +251,7 @@ async def test_a_connection_paused_at_its_last_byte_is_pooled_reading() -> None:
         assert (up.connections, up.requests) == (1, 2)
     finally:
         await client.close()
-        server.close()
+        await up.stop(server)
 
 
 def _big_body() -> bytes:
@@ -276,4 +289,4 @@ async def test_splice_keeps_the_clients_pause() -> None:
         assert got.hexdigest() == hashlib.sha256(up.body).hexdigest()
     finally:
         await client.close()
-        server.close()
+        await up.stop(server)
