@@ -16,10 +16,12 @@ import socket
 from dataclasses import dataclass, field
 
 import orjson
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import server
 from proxy.forward.transport import Client, Response
 from tests.conftest import StartProxy, StartUpstream
 from tests.helpers import Echo
@@ -169,6 +171,26 @@ async def test_early_413_reaches_a_client_still_sending(
     assert status == 413
     assert headers["content-type"].startswith("application/problem+json")
     assert orjson.loads(body)["status"] == 413
+    assert e.seen == []
+
+
+async def test_a_client_that_stops_sending_after_an_early_answer_gets_it_and_an_end(
+    echo: tuple[Echo, URL], start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lingering close answers at once and ends the proxy's side, whatever the client
+    still owes; the proxy goes on dropping what comes for ``LINGER_SECONDS`` at most."""
+    monkeypatch.setattr(server, "LINGER_SECONDS", 0.3)
+    e, url = echo
+    proxy = await start_proxy(config(url, "limits: {max_body: 1000}\n"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"POST /svc/up HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nzz")
+        async with asyncio.timeout(WAIT):
+            status, headers, _ = await read_answer(reader)
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+    assert status == 413 and headers["connection"] == "close"
     assert e.seen == []
 
 
