@@ -1,10 +1,11 @@
 """The main listener's HTTP/1.1 server: httptools heads, one task per request, no framework.
 
 aiohttp's server builds a request object, a payload stream, a response object and a
-writer for every request; for a proxy of small GETs that was most of the CPU. This
-protocol serves the common request itself (a complete head without a body, accepted by
-``dispatch``) and hands the connection over to aiohttp for everything else: bodies,
-Expect, Upgrade, admin paths and anything malformed or over a limit. The hand-over
+writer for every request; for a proxy of small requests that was a large part of the CPU.
+This protocol serves the common request itself (a complete head with no body or a
+Content-Length one, accepted by ``dispatch``) and hands the connection over to aiohttp
+for everything else: chunked bodies, unknown expectations, Upgrade, admin paths and
+anything malformed or over a limit. The hand-over
 switches the transport to an aiohttp protocol and gives it every byte not yet served,
 so aiohttp answers exactly as it does without this layer in front.
 
