@@ -376,6 +376,12 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
     return handle
 
 
+def _admit(gen: Generation, route: RouteRuntime, headers: Mapping[str, str], ex: Exchange) -> None:
+    """Record the route and let the client's key through, or raise: both servers' step."""
+    ex.route, ex.provider = route.prefix, route.provider
+    ex.client_id = gen.access.check(headers, route.prefix, route.config.key_header)
+
+
 def _failed(ex: Exchange, err: ProxyError) -> None:
     ex.status = err.status
     ex.error = ex.error or err.slug
@@ -422,11 +428,10 @@ async def _serve_fast(
     """``handle`` for a request the lean server took: the same steps, errors and records."""
     rid = request_id_from(down.headers.get("X-Request-Id"))
     ex = Exchange(rid, down.method, target.path, down.peer, time.perf_counter())
-    ex.route, ex.provider = route.prefix, route.provider
     metrics = rt.observer.metrics
     metrics.in_flight_now += 1
     try:
-        ex.client_id = gen.access.check(down.headers, route.prefix, route.config.key_header)
+        _admit(gen, route, down.headers, ex)
         await fwd.forward(down, route, remainder, target.query, ex)
     except ProxyError as err:
         _failed(ex, err)
@@ -461,9 +466,7 @@ async def _proxy(
     if hit is None:
         raise NotFound(f"no route for {target.path[:200]}")
     route, remainder = hit
-    ex.route = route.prefix
-    ex.provider = route.provider
-    ex.client_id = gen.access.check(request.headers, route.prefix, route.config.key_header)
+    _admit(gen, route, request.headers, ex)
     if route.waits_for:
         raise ServiceUnavailable(
             f"route {route.prefix} waits for provider {route.provider}: "
@@ -555,8 +558,7 @@ async def start_runner(
         listen.host,
         listen.port,
         handler_kwargs=handler_kwargs,
-        header_timeout=limits.header_timeout,
-        max_connections=limits.max_connections,
+        limits=limits,
         reuse_port=reuse_port,
         dispatch=app.get(DISPATCH),
     )

@@ -16,7 +16,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.server import Dispatch, FastProtocol, Limits
+from proxy.config import Limits
+from proxy.server import Dispatch, FastProtocol
 
 
 class GuardedHandler(RequestHandler):
@@ -76,16 +77,14 @@ class GuardedSite(web.TCPSite):
         port: int,
         *,
         handler_kwargs: dict[str, Any],
-        header_timeout: float,
-        max_connections: int,
+        limits: Limits,
         reuse_port: bool = False,
         backlog: int = 1024,
         dispatch: Dispatch | None = None,
     ) -> None:
         super().__init__(runner, host, port, backlog=backlog, reuse_port=reuse_port)
         self._handler_kwargs = handler_kwargs
-        self._header_timeout = header_timeout
-        self._max_connections = max_connections
+        self._limits = limits
         self._dispatch = dispatch
 
     async def start(self) -> None:
@@ -98,23 +97,14 @@ class GuardedSite(web.TCPSite):
             return GuardedHandler(
                 server,
                 loop=loop,
-                header_timeout=self._header_timeout,
-                max_connections=self._max_connections,
+                header_timeout=self._limits.header_timeout,
+                max_connections=self._limits.max_connections,
                 **self._handler_kwargs,
             )
 
-        dispatch = self._dispatch
+        dispatch, limits = self._dispatch, self._limits
         protocol: Callable[[], asyncio.Protocol] = factory
         if dispatch is not None:
-            kw = self._handler_kwargs
-            limits = Limits(
-                max_line_size=kw["max_line_size"],
-                max_field_size=kw["max_field_size"],
-                max_headers=kw["max_headers"],
-                header_timeout=self._header_timeout,
-                keepalive_timeout=kw["keepalive_timeout"],
-                max_connections=self._max_connections,
-            )
 
             def protocol() -> asyncio.Protocol:
                 return FastProtocol(server, dispatch, factory, limits, loop)

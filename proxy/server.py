@@ -30,21 +30,12 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.config import Limits
 from proxy.forward.headers import encode_head
 from proxy.problems import ProxyError, problem_body
 
 MAX_PIPELINED = 256 * 1024  # unserved bytes buffered before the socket stops being read
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_line_size: int
-    max_field_size: int
-    max_headers: int
-    header_timeout: float
-    keepalive_timeout: float
-    max_connections: int
 
 
 @dataclass(slots=True)
@@ -57,7 +48,7 @@ class Head:
     raw_headers: list[tuple[bytes, bytes]]
     headers: CIMultiDictProxy[str]
     keep_alive: bool
-    content_length: int = 0  # body bytes that follow the head
+    content_length: int | None = None  # the announced body length; None: no body
     expect_continue: bool = False  # answer 100 Continue before the body is read
 
 
@@ -113,9 +104,9 @@ def parse_head(data: bytes, limits: Limits) -> Head | None:
     if "Transfer-Encoding" in headers or "Upgrade" in headers:
         return None
     version = first[2][5:].decode("ascii")
-    length = headers.get("Content-Length", "0")
+    length = headers.get("Content-Length")
     expect = headers.get("Expect")
-    if not length.isdigit() or len(length) > 18:
+    if length is not None and (not length.isdigit() or len(length) > 18):
         return None
     continue_ = expect is not None and version == "1.1"  # HTTP/1.0 ignores Expect
     if continue_ and expect is not None and expect.lower() != "100-continue":
@@ -127,7 +118,7 @@ def parse_head(data: bytes, limits: Limits) -> Head | None:
         raw_headers=raw,
         headers=CIMultiDictProxy(headers),
         keep_alive=cb.keep_alive,
-        content_length=int(length),
+        content_length=None if length is None else int(length),
         expect_continue=continue_,
     )
 
@@ -172,7 +163,7 @@ class FastProtocol(asyncio.Protocol):
         self._buf = b""
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._reading_paused = False
+        self._holds: set[str] = set()  # why the socket is not read (see hold_reading)
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -181,7 +172,6 @@ class FastProtocol(asyncio.Protocol):
         self.keep_alive = True  # cleared when a response must end the connection
         self._body: _Body | None = None  # the request body being received
         self._discard = 0  # body bytes still to drop before closing (see _linger)
-        self._deferred = False  # a served head waits for the client to read its answers
         self.flow: tuple[Callable[[], None], Callable[[], None]] | None = None  # see on_flow
 
     # --- asyncio callbacks
@@ -210,9 +200,8 @@ class FastProtocol(asyncio.Protocol):
         first = not self._buf
         self._buf = self._buf + data if self._buf else data
         if self._task is not None:
-            if len(self._buf) > MAX_PIPELINED and self.transport is not None:
-                self._reading_paused = True
-                self.transport.pause_reading()
+            if len(self._buf) > MAX_PIPELINED:
+                self.hold_reading("pipelined", True)
             return
         self._next()
         if first and self._buf and self._task is None:
@@ -241,10 +230,8 @@ class FastProtocol(asyncio.Protocol):
         self._wake_drain(None)
         if self.flow is not None:
             self.flow[1]()
-        if self._deferred and self._task is None and self.transport is not None:
-            self._deferred = False
-            self._reading_paused = False
-            self.transport.resume_reading()
+        if "answers" in self._holds and self._task is None and self.transport is not None:
+            self.hold_reading("answers", False)
             self._next_or_wait()
 
     # --- aiohttp's server calls these at shutdown
@@ -317,8 +304,7 @@ class FastProtocol(asyncio.Protocol):
         down_keeps = not task.cancelled() and task.exception() is None
         body, self._body = self._body, None
         unread = body is not None and body.left > 0  # nothing after it is a head
-        if body is not None and body.paused:
-            self.pause_body(False)  # what it held back is dropped with it
+        self.hold_reading("body", False)  # what it held back is dropped with it
         transport = self.transport
         if transport is None:
             return
@@ -330,12 +316,9 @@ class FastProtocol(asyncio.Protocol):
             transport.close()
             return
         if self.write_paused:  # a client not reading its answers gets no more of them
-            self._pause_reading()
-            self._deferred = True
+            self.hold_reading("answers", True)
             return
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
+        self.hold_reading("pipelined", False)
         self._next_or_wait()
 
     def _next_or_wait(self) -> None:
@@ -346,11 +329,6 @@ class FastProtocol(asyncio.Protocol):
         self._next()
         if self._buf and self._task is None:
             self._wait_for(self._limits.header_timeout)
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
 
     def _linger(self, left: int) -> None:
         """Close our side now and drop the rest of an unread body before closing for good
@@ -363,9 +341,7 @@ class FastProtocol(asyncio.Protocol):
             return
         if transport.can_write_eof():
             transport.write_eof()
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
+        self._release_reading()
         self._stop_timer()
         self._timer = self._loop.call_later(LINGER_SECONDS, self._end_linger)
 
@@ -386,8 +362,7 @@ class FastProtocol(asyncio.Protocol):
         protocol.connection_made(transport)
         if self.write_paused:  # the transport will not say so again
             protocol.pause_writing()
-        if self._reading_paused:
-            transport.resume_reading()
+        self._release_reading()
         buf, self._buf = self._buf, b""
         if buf and not transport.is_closing():
             protocol.data_received(buf)
@@ -450,12 +425,26 @@ class FastProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def pause_body(self, paused: bool) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            if paused:
-                self.transport.pause_reading()
-            else:
-                self.transport.resume_reading()
+    def hold_reading(self, reason: str, held: bool) -> None:
+        """The socket is not read while any reason holds: a full request-body queue
+        ("body"), too much pipelined while busy ("pipelined"), a client not reading its
+        answers ("answers")."""
+        was = bool(self._holds)
+        if held:
+            self._holds.add(reason)
+        else:
+            self._holds.discard(reason)
+        transport = self.transport
+        if transport is None or transport.is_closing() or was == bool(self._holds):
+            return
+        if self._holds:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _release_reading(self) -> None:
+        for reason in list(self._holds):
+            self.hold_reading(reason, False)
 
     @property
     def body_unread(self) -> bool:
@@ -471,14 +460,14 @@ class _Body:
     """A Content-Length request body as it arrives: chunks queued for the forwarder
     without copies, the socket paused while too much waits."""
 
-    __slots__ = ("_chunks", "_conn", "_lost", "_queued", "_waiter", "left", "paused")
+    __slots__ = ("_chunks", "_conn", "_lost", "_paused", "_queued", "_waiter", "left")
 
     def __init__(self, conn: FastProtocol, length: int) -> None:
         self._conn = conn
         self.left = length  # bytes still to arrive
         self._chunks: collections.deque[bytes] = collections.deque()
         self._queued = 0
-        self.paused = False  # the socket is not read while too much waits here
+        self._paused = False  # the socket is not read while too much waits here
         self._lost = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -488,9 +477,9 @@ class _Body:
         self.left -= len(take)
         self._chunks.append(take)
         self._queued += len(take)
-        if self._queued > BODY_HIGH_WATER and not self.paused:
-            self.paused = True
-            self._conn.pause_body(True)
+        if self._queued > BODY_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._conn.hold_reading("body", True)
         self._wake()
         return data[len(take) :] if len(take) < len(data) else b""
 
@@ -503,9 +492,9 @@ class _Body:
             return b""
         chunk = self._chunks.popleft()
         self._queued -= len(chunk)
-        if self.paused and self._queued <= BODY_LOW_WATER:
-            self.paused = False
-            self._conn.pause_body(False)
+        if self._paused and self._queued <= BODY_LOW_WATER:
+            self._paused = False
+            self._conn.hold_reading("body", False)
         return chunk
 
     async def read_any(self) -> bytes:
@@ -543,7 +532,7 @@ class FastDownstream:
 
     @property
     def content_length(self) -> int | None:
-        return self._head.content_length if "Content-Length" in self._head.headers else None
+        return self._head.content_length
 
     @property
     def body_exists(self) -> bool:

@@ -276,3 +276,22 @@ async def own_proxy(text: str, tmp_path: Path) -> AsyncIterator[OwnProxy]:
     finally:
         if proxy.runner.server is not None:
             await proxy.runner.cleanup()
+
+
+def svc_config(up: object, route: str = "", top: str = "") -> str:
+    """One route /svc/ to ``up``/base/; ``route`` adds keys to it (lines indented 4),
+    ``top`` adds top-level keys."""
+    return f"""
+routes:
+  - prefix: /svc/
+    upstream: {up}/base/
+    timeout: {{connect: 2, read: 5}}
+{route}{top}"""
+
+
+def raw_request(
+    target: str, headers: str = "", *, method: str = "GET", version: str = "1.1", body: bytes = b""
+) -> bytes:
+    """A raw request; ``headers`` are whole lines, each ending in CRLF."""
+    head = f"{method} {target} HTTP/{version}\r\nHost: front.example\r\n{headers}\r\n"
+    return head.encode() + body

@@ -26,25 +26,10 @@ from yarl import URL
 from proxy.app import RUNTIME
 from tests.conftest import StartProxy, StartUpstream
 from tests.helpers import Echo, Recorder, own_proxy
+from tests.helpers import raw_request as req
+from tests.helpers import svc_config as config
 
 WAIT = 5.0  # outer bound on any single wait for the proxy: a hang fails, never stalls
-
-
-def config(up: URL, routes: str = "", top: str = "") -> str:
-    return f"""
-routes:
-  - prefix: /svc/
-    upstream: {up}/base/
-    timeout: {{connect: 2, read: 5}}
-{routes}{top}"""
-
-
-def req(
-    target: str, headers: str = "", *, method: str = "GET", version: str = "1.1", body: bytes = b""
-) -> bytes:
-    """A raw request; ``headers`` are whole lines, each ending in CRLF."""
-    head = f"{method} {target} HTTP/{version}\r\nHost: front.example\r\n{headers}\r\n"
-    return head.encode() + body
 
 
 @dataclass

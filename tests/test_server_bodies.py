@@ -29,28 +29,12 @@ from yarl import URL
 from proxy.app import RUNTIME
 from tests.conftest import StartProxy, StartUpstream
 from tests.helpers import Echo, own_proxy, provider_json
+from tests.helpers import raw_request as req
+from tests.helpers import svc_config as config
 from tests.vendors import Simplifi, serve
 
 WAIT = 10.0  # outer bound on any single wait: a hang fails, never stalls
 KIB, MIB = 1024, 1024 * 1024
-
-
-def config(up: URL, route: str = "", top: str = "") -> str:
-    """One route /svc/ to ``up``/base/; ``route`` adds keys to it (lines indented 4)."""
-    return f"""
-routes:
-  - prefix: /svc/
-    upstream: {up}/base/
-    timeout: {{connect: 2, read: 5}}
-{route}{top}"""
-
-
-def req(
-    target: str, headers: str = "", *, method: str = "GET", version: str = "1.1", body: bytes = b""
-) -> bytes:
-    """A raw request; ``headers`` are whole lines, each ending in CRLF."""
-    head = f"{method} {target} HTTP/{version}\r\nHost: front.example\r\n{headers}\r\n"
-    return head.encode() + body
 
 
 def upload(
