@@ -304,7 +304,8 @@ class FastProtocol(asyncio.Protocol):
         down_keeps = not task.cancelled() and task.exception() is None
         body, self._body = self._body, None
         unread = body is not None and body.left > 0  # nothing after it is a head
-        self.hold_reading("body", False)  # what it held back is dropped with it
+        if self._holds:  # the request is over: what it held back no longer holds
+            self._release_reading()
         transport = self.transport
         if transport is None:
             return
@@ -318,7 +319,6 @@ class FastProtocol(asyncio.Protocol):
         if self.write_paused:  # a client not reading its answers gets no more of them
             self.hold_reading("answers", True)
             return
-        self.hold_reading("pipelined", False)
         self._next_or_wait()
 
     def _next_or_wait(self) -> None:
