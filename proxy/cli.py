@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -16,6 +19,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import (
     RUNTIME,
+    RegistryFactory,
     create_admin_app,
     create_app,
     make_token_session,
@@ -29,6 +33,7 @@ from proxy.tokens.source import system_clock
 
 EXIT_CONFIG = 2
 log = structlog.get_logger("tokenrelay")
+_background: set[asyncio.Task[Any]] = set()
 
 
 def _config_path(arg: str | None) -> str:
@@ -177,39 +182,123 @@ async def serve(
     port: int | None,
     ready: asyncio.Event | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads. In-flight requests get the grace period."""
-    cfg = loaded.config
-    observer = Observer(log_format)
-    app = create_app(loaded, observer, admin_on_main=cfg.admin is None)
+    """The single process: the shared sequence, reading the config file itself on reload."""
 
     async def reloader() -> Loaded:
         return await asyncio.to_thread(_load_for_run, config_path, host, port)
 
-    app[RUNTIME].reloader = reloader
-    runner, port = await start_runner(app, cfg, cfg.listen)
-    runners = [runner]
-    admin_port = None
-    if cfg.admin is not None:
-        admin_runner, admin_port = await start_runner(create_admin_app(app), cfg, cfg.admin)
-        runners.append(admin_runner)
-    _announce(loaded, cfg, port, admin_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup(app)))
+    how = Serving(announce=functools.partial(_announce, loaded), reloader=reloader)
+    return await serve_app(loaded, log_format, how, ready)
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` in the background, held here so the task is not collected mid-way."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def reload_in_background(app: web.Application) -> None:
+    """SIGHUP: a signal handler cannot await, so the reload runs as its own task."""
+    spawn(_sighup(app))
+
+
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a ``--workers`` worker does differently from the single process, so both run
+    one start-up and shutdown sequence; the defaults are the single process's."""
+
+    announce: Callable[[int, int | None], None]
+    """Logs "listening", given the main and the admin port actually bound."""
+    reloader: Callable[[], Awaitable[Loaded]]
+    """Reads the config anew, for SIGHUP and the admin /-/reload."""
+    on_hangup: Callable[[web.Application], None] = reload_in_background
+    reuse_port: bool = False
+    registry_factory: RegistryFactory | None = None
+    on_response: ResponseHook | None = None
+    """Added to every app served (main and admin), before start-up freezes the signals."""
+    until: Callable[[], Awaitable[None]] | None = None
+    """Stops serving when it returns, as SIGTERM would: a worker's parent gone."""
+    fields: Mapping[str, object] = field(default_factory=dict)
+    """Added to the "shutting down" and "stopped" lines: which worker."""
+
+
+async def serve_app(
+    loaded: Loaded, log_format: str, how: Serving, ready: asyncio.Event | None = None
+) -> int:
+    """Run until SIGTERM/SIGINT (or ``how.until``); SIGHUP reloads. In-flight requests get
+    the grace period; ``ready`` is set once the ports are bound and the signals handled."""
+    cfg = loaded.config
+    app = _build_app(loaded, log_format, how)
+    runners = await _start_runners(app, cfg, how)
+    stop = on_signals(lambda: how.on_hangup(app))
+    watch = asyncio.ensure_future(how.until()) if how.until is not None else None
+    if watch is not None:
+        watch.add_done_callback(lambda _: stop.set())
     if ready is not None:
         ready.set()
     await stop.wait()
-    log.info("shutting down", grace_seconds=cfg.shutdown_grace)
+    if watch is not None:
+        watch.cancel()
+    log.info("shutting down", **how.fields, grace_seconds=cfg.shutdown_grace)
     app[RUNTIME].draining = True
     for runner in reversed(runners):
         await runner.cleanup()
-    log.info("stopped")
+    log.info("stopped", **how.fields)
     return 0
 
 
-def _announce(loaded: Loaded, cfg: Config, port: int, admin_port: int | None) -> None:
+def _build_app(loaded: Loaded, log_format: str, how: Serving) -> web.Application:
+    app = create_app(
+        loaded,
+        Observer(log_format),
+        admin_on_main=loaded.config.admin is None,
+        registry_factory=how.registry_factory,
+    )
+    app[RUNTIME].reloader = how.reloader
+    if how.on_response is not None:
+        app.on_response_prepare.append(how.on_response)
+    return app
+
+
+async def _start_runners(app: web.Application, cfg: Config, how: Serving) -> list[web.AppRunner]:
+    """Main listener first, then the admin one: shutdown cleans them up in reverse."""
+    runner, port = await start_runner(app, cfg, cfg.listen, reuse_port=how.reuse_port)
+    runners, admin_port = [runner], None
+    if cfg.admin is not None:
+        admin_app = create_admin_app(app)
+        if how.on_response is not None:
+            admin_app.on_response_prepare.append(how.on_response)
+        admin, admin_port = await start_runner(admin_app, cfg, cfg.admin, reuse_port=how.reuse_port)
+        runners.append(admin)
+    how.announce(port, admin_port)
+    return runners
+
+
+def on_signals(
+    on_hangup: Callable[[], None], on_stop: Callable[[], None] | None = None
+) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event (``on_stop`` runs first, in the handler itself,
+    before any other task sees the signal); SIGHUP calls ``on_hangup``."""
+    stop = asyncio.Event()
+
+    def stopping() -> None:
+        if on_stop is not None:
+            on_stop()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping)
+    loop.add_signal_handler(signal.SIGINT, stopping)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    return stop
+
+
+def _announce(loaded: Loaded, port: int, admin_port: int | None) -> None:
+    cfg = loaded.config
     active = [r.prefix for r in cfg.routes if not loaded.route_waits_for(r)]
     waiting = {r.prefix: loaded.route_waits_for(r) for r in cfg.routes if loaded.route_waits_for(r)}
     log.info(

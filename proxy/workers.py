@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,17 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy.app import RUNTIME, create_admin_app, create_app, make_token_session, start_runner
-from proxy.cli import EXIT_CONFIG, _install_uvloop, _load_for_run, _sighup
+from proxy.app import make_token_session
+from proxy.cli import (
+    EXIT_CONFIG,
+    Serving,
+    _install_uvloop,
+    _load_for_run,
+    on_signals,
+    reload_in_background,
+    serve_app,
+    spawn,
+)
 from proxy.config import Listen, Loaded, Provider
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, TokenError
@@ -41,14 +50,6 @@ WORKER_HEADER = "X-Tokenrelay-Worker"  # on admin answers: which worker the kern
 _TOKEN_FIELDS = ("value", "expires_at", "obtained_at", "token_type", "scope")
 _ERROR_FIELDS = ("detail", "code", "status", "retry_after", "credential_failure")
 _FROM_PARENT: ContextVar[bool] = ContextVar("reload_from_parent", default=False)
-_background: set[asyncio.Task[Any]] = set()
-
-
-def _spawn(coro: Coroutine[Any, Any, Any]) -> None:
-    """Run ``coro`` in the background, held here so the task is not collected mid-way."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 # -- the parent: broker and supervisor ---------------------------------------------------------
@@ -194,17 +195,10 @@ async def supervise(loaded: Loaded, workers: int, log_format: str, config_path: 
 
 
 async def _until_stopped(sup: Supervisor) -> None:
-    stop = asyncio.Event()
-
     def stopping() -> None:
         sup.stopping = True  # before any worker's exit is seen, so none is restarted
-        stop.set()
 
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stopping)
-    loop.add_signal_handler(signal.SIGINT, stopping)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(sup.reload()))
-    await stop.wait()
+    await on_signals(lambda: spawn(sup.reload()), on_stop=stopping).wait()
 
 
 # -- the worker: a registry of brokered sources -------------------------------------------------
@@ -337,46 +331,33 @@ def _worker_load(args: argparse.Namespace) -> Loaded:
 
 
 async def _worker(args: argparse.Namespace, loaded: Loaded) -> int:
-    cfg, client = loaded.config, BrokerClient(args.broker)
-    app = create_app(
-        loaded,
-        Observer(args.log_format),
-        admin_on_main=cfg.admin is None,
+    """The single process's sequence, with tokens from the broker and reloads via the parent."""
+    client = BrokerClient(args.broker)
+    how = Serving(
+        announce=_announcer(args.index, loaded.config.listen.host),
+        reloader=lambda: _reload_via_parent(args, client),
+        on_hangup=_reload_from_parent,
+        reuse_port=True,
         registry_factory=lambda providers, session: BrokeredRegistry(client, providers, session),
+        on_response=_tag(str(args.index)),
+        until=_parent_gone,
+        fields={"worker": args.index},
     )
-    app[RUNTIME].reloader = lambda: _reload_via_parent(args, client)
-    app.on_response_prepare.append(_tag(str(args.index)))
-    runners = [(await start_runner(app, cfg, cfg.listen, reuse_port=True))[0]]
-    if cfg.admin is not None:
-        admin_app = create_admin_app(app)
-        admin_app.on_response_prepare.append(_tag(str(args.index)))
-        runners.append((await start_runner(admin_app, cfg, cfg.admin, reuse_port=True))[0])
-    log.info(
-        "listening",
-        worker=args.index,
-        pid=os.getpid(),
-        address=f"http://{cfg.listen.host}:{args.port}",
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_from_parent, app)
-    orphaned = asyncio.ensure_future(_parent_gone())
-    orphaned.add_done_callback(lambda _: stop.set())
-    await stop.wait()
-    orphaned.cancel()
-    log.info("shutting down", worker=args.index, grace_seconds=cfg.shutdown_grace)
-    app[RUNTIME].draining = True
-    for runner in reversed(runners):
-        await runner.cleanup()
-    log.info("stopped", worker=args.index)
-    return 0
+    return await serve_app(loaded, args.log_format, how)
+
+
+def _announcer(index: int, host: str) -> Callable[[int, int | None], None]:
+    """N workers announce at once: each says who it is, not the routes all of them share."""
+
+    def announce(port: int, _admin_port: int | None) -> None:
+        log.info("listening", worker=index, pid=os.getpid(), address=f"http://{host}:{port}")
+
+    return announce
 
 
 def _reload_from_parent(app: web.Application) -> None:
     token = _FROM_PARENT.set(True)
-    _spawn(_sighup(app))  # the task keeps the context it was created in
+    reload_in_background(app)  # the task keeps the context it was created in
     _FROM_PARENT.reset(token)
 
 
