@@ -2,7 +2,8 @@
 
 The forwarder knows routes and token sources, never vendors. A request is sent
 once; when the upstream answers 401 to a token, the token is invalidated and the
-same bytes are sent once more with a fresh one.
+same bytes are sent once more with a fresh one. A 401 whose body (or a request whose
+body) is too large to hold for that is passed on as the vendor sent it, unreplayed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from proxy.tokens.source import Token, TokenSource
 
 READ_CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024  # read whole, send in one write: cheaper and trivially replayable
-MAX_401_BODY = 64 * 1024  # a 401 body larger than this is passed on, not replayed
+MAX_401_BODY = 64 * 1024  # a 401 body larger than this is passed on as sent, not replayed
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -238,7 +240,7 @@ class Forwarder:
         first: Upstream,
         body: bytes | None,
         reader: BodyReader | None,
-    ) -> Upstream | _Buffered:
+    ) -> Upstream | _Buffered | _Prefixed:
         assert route.source is not None
         route.source.invalidate(token)
         if not route.replay:
@@ -247,8 +249,8 @@ class Forwarder:
             ex.replay_outcome = "body_too_large"
             return first
         held = await _Buffered.hold(first, MAX_401_BODY)
-        if held is None:
-            return first
+        if not isinstance(held, _Buffered):
+            return held  # too large to hold: relayed as sent; the token is already renewed
         if reader is not None:
             await reader.finish()
             assert reader.spool is not None
@@ -327,7 +329,7 @@ class Forwarder:
     async def _relay(
         self,
         request: Downstream,
-        resp: Upstream | _Buffered,
+        resp: Upstream | _Buffered | _Prefixed,
         ex: Exchange,
         route: RouteRuntime,
     ) -> None:
@@ -363,7 +365,7 @@ class Forwarder:
             # (client gone, upstream failed) must not reuse it
             resp.release() if complete else resp.close()
 
-    async def _stream(self, request: Downstream, resp: Upstream, ex: Exchange) -> None:
+    async def _stream(self, request: Downstream, resp: Streamed, ex: Exchange) -> None:
         sink = request.sink
         if sink is not None and isinstance(resp, Response):
             await _splice(resp, sink, ex)
@@ -411,7 +413,7 @@ def _complete(resp: Upstream | _Buffered) -> bool:
     return isinstance(resp, _Buffered) or (isinstance(resp, Response) and resp.done)
 
 
-async def _arrived_body(resp: Upstream) -> bytes | None:
+async def _arrived_body(resp: Streamed) -> bytes | None:
     """The whole body of a small response that has fully arrived, else None (streamed)."""
     if not isinstance(resp, Response) or not resp.done or resp.buffered > SMALL_BODY:
         return None
@@ -432,28 +434,28 @@ class _Buffered:
         self.body = body
 
     @classmethod
-    async def hold(cls, resp: Upstream, cap: int) -> _Buffered | None:
-        """Drain and release the response; None (response left open) when it is too large."""
+    async def hold(cls, resp: Upstream, cap: int) -> _Buffered | Upstream | _Prefixed:
+        """The response drained and released when its body fits in ``cap``. A larger one
+        is left open to be relayed as the vendor sent it: as is when its Content-Length
+        says so, else the bytes read so far ahead of the rest (memory stays near ``cap``)."""
         if resp.content_length is not None and resp.content_length > cap:
-            return None
+            return resp
         parts: list[bytes] = []
         size = 0
         try:
-            while size <= cap and (chunk := await resp.readany()):
+            while chunk := await resp.readany():
                 parts.append(chunk)
                 size += len(chunk)
-            body = b"".join(parts)
+                if size > cap:
+                    return _Prefixed(resp, parts)
         except _CLIENT_ERRORS as exc:
             resp.close()
             raise _translate(exc) from exc
         except BaseException:  # cancelled (the client left): the connection is not reusable
             resp.close()
             raise
-        if len(body) > cap:
-            resp.close()
-            raise UpstreamError("reset", "upstream 401 body too large to hold for a replay")
         resp.release()
-        return cls(resp, body)
+        return cls(resp, b"".join(parts))
 
     def close(self) -> None:
         """Nothing to release: the connection went back when the body was drained."""
@@ -485,6 +487,36 @@ class _ViaProxy:
 
 
 Upstream = Response | _ViaProxy
+
+
+class _Prefixed:
+    """An upstream response whose first chunks were already read (a 401 too large to hold):
+    those chunks first, then the rest as it arrives, so the client gets every byte."""
+
+    __slots__ = ("_parts", "_resp", "content_length", "headers", "reason", "status")
+
+    def __init__(self, resp: Upstream, parts: list[bytes]) -> None:
+        self._resp = resp
+        self._parts = deque(parts)
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers = resp.headers
+        self.content_length = resp.content_length
+
+    async def readany(self) -> bytes:
+        if self._parts:
+            return self._parts.popleft()
+        return await self._resp.readany()
+
+    def release(self) -> None:
+        self._resp.release()
+
+    def close(self) -> None:
+        self._parts.clear()
+        self._resp.close()
+
+
+Streamed = Upstream | _Prefixed  # a response whose body is read from the upstream
 
 _CLIENT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, TransportError)
 _TRANSPORT_DETAIL = {
