@@ -305,7 +305,9 @@ class AccessLog:
 METHODS = {
     m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 }
-REPLAY_OUTCOMES = frozenset({"succeeded", "unauthorized_again", "body_too_large"})
+REPLAY_OUTCOMES = frozenset(
+    {"succeeded", "unauthorized_again", "body_too_large", "response_too_large"}
+)
 UPSTREAM_ERRORS = frozenset({"connect", "timeout", "reset", "tls"})
 MAX_LABEL_VALUES = 256  # per label set family: a bug upstream of here cannot explode the series
 OVERFLOW = "other"

@@ -193,11 +193,15 @@ async def test_large_chunked_401_is_passed_on_as_sent(
         assert vault.seen[0][2] == sha(sent)
         line = await proxy.logs.access_line("/api/doc")
         assert (line["status"], line["upstream_status"]) == (401, 401)
-        assert (line["replayed"], line["replay_outcome"], line["error"]) == (False, "", "")
+        assert (line["replayed"], line["replay_outcome"], line["error"]) == (
+            False,
+            "response_too_large",
+            "",
+        )
         assert line["bytes_out"] == len(BLOB)
         await assert_renewed(proxy, client, vendor, b"/next")
         assert vault.seen[1][1] != vault.seen[0][1]
-        assert replays_counted(proxy) == 0
+        assert replays_counted(proxy) == 1
 
 
 async def test_large_close_delimited_401_is_passed_on_as_sent(

@@ -7,7 +7,9 @@ the two call protocol callbacks at different moments.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -271,6 +273,24 @@ async def test_errors_mid_body_are_never_a_short_body(serve: Serve, client: Clie
     with pytest.raises(ProtocolError):
         await body_of(resp)
     resp.close()
+    resp = await client.request("GET", url, CIMultiDict())
+    with pytest.raises(ConnectionLost):
+        await body_of(resp)
+    resp.close()
+
+
+async def test_a_body_until_close_ended_by_a_reset_is_an_error(
+    serve: Serve, client: Client
+) -> None:
+    async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart of it")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # linger 0: an RST, not a FIN
+
+    url = await serve(reset_mid_body)
     resp = await client.request("GET", url, CIMultiDict())
     with pytest.raises(ConnectionLost):
         await body_of(resp)

@@ -250,7 +250,8 @@ class Forwarder:
             return first
         held = await _Buffered.hold(first, MAX_401_BODY)
         if not isinstance(held, _Buffered):
-            return held  # too large to hold: relayed as sent; the token is already renewed
+            ex.replay_outcome = "response_too_large"  # relayed as sent; the token is renewed
+            return held
         if reader is not None:
             await reader.finish()
             assert reader.spool is not None

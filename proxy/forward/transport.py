@@ -266,10 +266,12 @@ class Response:
             self._finish()
 
     def lost(self, exc: BaseException | None) -> None:
-        """The connection is gone: the end of a read-until-close body, an error otherwise."""
+        """The connection is gone: the end of a read-until-close body when it closed cleanly;
+        an error otherwise (a reset is never the end of a body: the client would get a
+        shorter one that looks complete)."""
         if self.done:
             return
-        if self._head_done and self._until_close and not self._interim:
+        if self._head_done and self._until_close and not self._interim and exc is None:
             self._finish()
             return
         where = "mid-body" if self._head_done else "before answering"
