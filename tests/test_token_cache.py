@@ -308,11 +308,18 @@ async def test_credential_failure_cools_down_without_calling_the_vendor(
     assert not leaks(" ".join(rig.errors) + repr(rig.events.seen), ["wrong-SECRET-marker"])
 
 
-async def test_forced_renew_ignores_cooldown_and_clears_it(sipsim: Rig) -> None:
+async def test_forced_renew_honours_the_cooldown_then_clears_it(sipsim: Rig) -> None:
     sipsim.vendor.fail_next(401, {"error": "invalid_client"})
     with pytest.raises(TokenError):
         await sipsim.token()
+    for _ in range(10):  # an admin endpoint called in a loop: not one more IdP call
+        with pytest.raises(TokenError) as err:
+            await sipsim.source.renew()
+        assert err.value.status == 503 and "Retry-After" in err.value.headers
+    assert sipsim.vendor.calls["token"] == 1
+    sipsim.clock.advance(sipsim.source.state()["cooldown_seconds_left"])
     token = await sipsim.source.renew()
+    assert sipsim.vendor.calls["token"] == 2
     assert token.value == sipsim.vendor.issued[0].value
     assert sipsim.source.state()["state"] == "valid"
     assert "cooldown_left" in sipsim.events.names()

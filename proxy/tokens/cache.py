@@ -119,8 +119,14 @@ class CachedTokenSource:
     # -- admin ----------------------------------------------------------------
 
     async def renew(self) -> Token:
-        """Fetch a new token now, even during a cool-down (an operator asked for it)."""
-        return await asyncio.shield(self._inflight or self._start("forced"))
+        """Fetch a new token now (an operator asked), sharing a fetch in flight. A cool-down
+        holds here too: whoever reaches the admin endpoint, however often, cannot make a
+        refused password or secret hit the IdP again before it ends."""
+        task = self._inflight
+        if task is None:
+            self._check_cooldown(self._clock())
+            task = self._start("forced")
+        return await asyncio.shield(task)
 
     def state(self) -> dict[str, Any]:
         """What the admin endpoint shows; never the token."""
