@@ -29,6 +29,9 @@ HOP_BY_HOP = frozenset(
 _X_FORWARDED = frozenset(
     istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
 )
+# what a client says about earlier hops: believed only from a trusted proxy, which the
+# X-Forwarded-* are rebuilt from; the others pass through from it untouched
+_HOP_CLAIMS = frozenset(istr(h) for h in ("Forwarded", "X-Real-IP"))
 _REQUEST_DROP = HOP_BY_HOP | _X_FORWARDED | {istr("Host"), istr("Expect"), istr("X-Request-Id")}
 _AUTHORIZATION = istr("Authorization")
 
@@ -72,7 +75,7 @@ def request_headers(
     drop: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
     """Headers for the upstream request, before the token and request id are set."""
-    skip = _skip_set(drop)
+    skip = _skip_set(drop, trusted_hop)
     named = connection_named(incoming) if "Connection" in incoming else frozenset()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
@@ -91,15 +94,18 @@ def request_headers(
     return out
 
 
-_SKIP_SETS: dict[frozenset[str], frozenset[str]] = {}
+_SKIP_SETS: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
 
 
-def _skip_set(drop: frozenset[str]) -> frozenset[str]:
-    """The per-route drop set joined with the fixed one, once per route rather than per
-    request (routes are few: the cache stays small)."""
-    skip = _SKIP_SETS.get(drop)
+def _skip_set(drop: frozenset[str], trusted_hop: bool) -> frozenset[str]:
+    """The per-route drop set joined with the fixed one, once per route and peer kind rather
+    than per request (routes are few: the cache stays small)."""
+    skip = _SKIP_SETS.get((drop, trusted_hop))
     if skip is None:
-        skip = _SKIP_SETS[drop] = _REQUEST_DROP | drop
+        skip = _REQUEST_DROP | drop
+        if not trusted_hop:
+            skip |= _HOP_CLAIMS
+        _SKIP_SETS[(drop, trusted_hop)] = skip
     return skip
 
 

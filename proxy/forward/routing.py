@@ -5,6 +5,8 @@ upstream gets. Decoding happens only to *check* it: any path whose dot segments
 appear after one or more rounds of percent-decoding, in overlong UTF-8 or
 ``%u`` forms, next to ``;`` parameters, or with a backslash is refused, because
 upstreams disagree on how often they decode and what they treat as a separator.
+Decoding stops at a fixed point: a literal ``%`` (``50%25off`` decodes to ``50%off``,
+which decodes to itself) is data, not an escape still to come.
 """
 
 from __future__ import annotations
@@ -21,8 +23,21 @@ from proxy.problems import BadRequest
 
 T = TypeVar("T")
 
-DECODE_ROUNDS = 4
-_OVERLONG = re.compile(rb"[\xc0\xc1]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
+DECODE_ROUNDS = 4  # a path still changing after this many decodings is refused
+# What no decoding round may hold. An overlong form (a character spelt in more bytes than it
+# needs) is how ``%c0%ae`` becomes ``.`` in a lenient decoder; a lone 0xC0/0xC1 is legacy
+# Latin-1 (``À``/``Á``) and passes.
+_HAZARDS = re.compile(
+    rb"(\\)|(\x00)|(%[uU][0-9A-Fa-f]{4})"
+    rb"|([\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]"
+    rb"|\xf0[\x80-\x8f][\x80-\xbf]{2}|[\xf8-\xfd][\x80-\xbf]{4})"
+)
+_HAZARD_NAMES = {
+    1: "encoded backslash in path",
+    2: "NUL in path",
+    3: "%u escape in path",
+    4: "overlong UTF-8 in path",
+}
 _PLAIN = re.compile(r"[A-Za-z0-9/_.~-]*")
 _ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
@@ -83,30 +98,28 @@ def check_remainder(remainder: str) -> None:
         return  # no escapes, separators, parameters or non-ASCII: nothing to decode
     if "\\" in remainder:
         raise BadRequest("backslash in path")
-    if "%u" in remainder or "%U" in remainder:
-        raise BadRequest("%u escape in path")
     data = remainder.encode("utf-8", "surrogateescape")
     for _ in range(DECODE_ROUNDS):
         _check_segments(data)
         if b"%" not in data:
             return
-        data = unquote_to_bytes(data)
+        decoded = unquote_to_bytes(data)
+        if decoded == data:  # only literal percent signs left: what any upstream sees
+            return
+        data = decoded
     _check_segments(data)
-    if b"%" in data:
+    if b"%" in data and unquote_to_bytes(data) != data:
         raise BadRequest("path is percent-encoded too many times")
 
 
 def _check_segments(data: bytes) -> None:
-    if b"\\" in data:
-        raise BadRequest("encoded backslash in path")
-    if b"\x00" in data:
-        raise BadRequest("NUL in path")
-    if _OVERLONG.search(data):
-        raise BadRequest("overlong UTF-8 in path")
-    for segment in data.split(b"/"):
-        name = segment.split(b";", 1)[0]
-        if name == b"..":
-            raise BadRequest("dot segment in path")
+    hazard = _HAZARDS.search(data)
+    if hazard is not None:
+        raise BadRequest(_HAZARD_NAMES[hazard.lastindex or 4])
+    if b".." in data:
+        for segment in data.split(b"/"):
+            if segment.split(b";", 1)[0] == b"..":
+                raise BadRequest("dot segment in path")
 
 
 def join_path(base_path: str, remainder: str) -> str:
@@ -119,8 +132,19 @@ def join_path(base_path: str, remainder: str) -> str:
 
 
 def upstream_url(origin: URL, base_path: str, remainder: str, query: str | None) -> URL:
-    """Build the upstream URL without re-quoting anything."""
+    """The upstream URL, nothing re-quoted: its ``raw_path_qs`` is the exact request target.
+
+    yarl has no empty query, so the ``?`` of ``/x?`` ends the raw path instead, where
+    ``raw_path_qs`` (what the transport and aiohttp write in the request line) still sends it.
+    """
     check_remainder(remainder)
     path = join_path(base_path, remainder)
-    text = str(origin) + path + ("" if query is None else "?" + query)
-    return URL(text, encoded=True)
+    if query == "":
+        path += "?"
+    return URL.build(
+        scheme=origin.scheme,
+        authority=origin.raw_authority,
+        path=path,
+        query_string=query or "",
+        encoded=True,
+    )

@@ -346,7 +346,8 @@ class Response:
             return
         self._interim = False
         self.status = status
-        self.reason = self._status_text.decode("latin-1")
+        # as header values are decoded: encode_head gives the client back the same bytes
+        self.reason = self._status_text.decode("utf-8", "surrogateescape")
         self.headers = CIMultiDictProxy(self._raw)
         self.content_length = self._framing()
         self._keep_alive = self._parser.should_keep_alive()
