@@ -79,8 +79,17 @@ def _norm(prefix: str) -> str:
 class ClientAccess:
     """Who may use which route, how often. Empty ``clients``: open access (check returns "")."""
 
-    def __init__(self, clients: Sequence[Client], *, clock: Clock = system_clock) -> None:
-        self._entries = tuple(_entry(c, clock) for c in clients)
+    def __init__(
+        self,
+        clients: Sequence[Client],
+        *,
+        clock: Clock = system_clock,
+        previous: ClientAccess | None = None,
+    ) -> None:
+        entries = tuple(_entry(c, clock) for c in clients)
+        if previous is not None:  # a reload must not hand every client a fresh burst
+            entries = tuple(previous._carried(e) for e in entries)
+        self._entries = entries
 
     @property
     def open(self) -> bool:
@@ -108,12 +117,24 @@ class ClientAccess:
                 )
         return entry.id
 
+    def _carried(self, new: _Entry) -> _Entry:
+        """``new`` with the bucket it had before a reload, when its key and limits are the
+        same; a changed client starts afresh."""
+        for old in self._entries:
+            if (old.id, old.digest, _limits(old)) == (new.id, new.digest, _limits(new)):
+                return _Entry(new.id, new.digest, new.prefixes, old.bucket)
+        return new
+
     def _match(self, digest: bytes) -> _Entry | None:
         found = None
         for entry in self._entries:
             if hmac.compare_digest(entry.digest, digest):
                 found = entry
         return found
+
+
+def _limits(entry: _Entry) -> tuple[float, float] | None:
+    return None if entry.bucket is None else (entry.bucket.rate, entry.bucket.burst)
 
 
 def _entry(client: Client, clock: Clock) -> _Entry:

@@ -108,6 +108,25 @@ def test_rate_limit_token_bucket(tmp_path: Path) -> None:
         access.check(ok, "/svc/", HDR)
 
 
+def test_a_reload_keeps_the_buckets_of_unchanged_clients(tmp_path: Path) -> None:
+    clock = FakeClock()
+    key_file = tmp_path / "gamma.key"
+    key_file.write_text(KEY_C + "\n")
+    before = ClientAccess(
+        parse_config(clients_yaml(key_file), "t.yaml", {}, tmp_path).config.clients, clock=clock
+    )
+    ok = {HDR: KEY_A}
+    assert [before.check(ok, "/svc/", HDR) for _ in range(2)] == ["alpha", "alpha"]
+    same = parse_config(clients_yaml(key_file), "t.yaml", {}, tmp_path).config.clients
+    after = ClientAccess(same, clock=clock, previous=before)
+    with pytest.raises(TooManyRequests):  # the burst was spent before the reload
+        after.check(ok, "/svc/", HDR)
+    faster = clients_yaml(key_file).replace("burst: 2", "burst: 3")
+    changed = parse_config(faster, "t.yaml", {}, tmp_path).config.clients
+    rebuilt = ClientAccess(changed, clock=clock, previous=after)
+    assert [rebuilt.check(ok, "/svc/", HDR) for _ in range(3)] == ["alpha"] * 3  # new limits
+
+
 def test_bucket_and_rates() -> None:
     assert parse_rate("50/s") == 50.0
     assert parse_rate("600/m") == 10.0
