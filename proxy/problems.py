@@ -88,7 +88,12 @@ class TooManyRequests(ProxyError):
 
 
 class TokenError(ProxyError):
-    """No token could be had; ``code`` is the provider's error code when it sent one."""
+    """No token could be had; ``code`` is the provider's error code when it sent one.
+
+    ``detail`` goes to clients, so it names only the provider, the step, the HTTP status
+    and the code. The vendor's own words (which may echo what it was sent) are kept apart,
+    already scrubbed, in ``vendor_detail``: for logs and the admin token page only.
+    """
 
     status = 502
     slug = "token-unavailable"
@@ -103,6 +108,7 @@ class TokenError(ProxyError):
         status: int = 502,
         retry_after: float | None = None,
         credential_failure: bool = False,
+        vendor_detail: str | None = None,
     ) -> None:
         headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
         extra: dict[str, object] = {"provider": provider}
@@ -114,6 +120,7 @@ class TokenError(ProxyError):
         self.status = status
         self.retry_after = retry_after
         self.credential_failure = credential_failure
+        self.vendor_detail = vendor_detail
 
 
 class UpstreamError(ProxyError):

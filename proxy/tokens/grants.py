@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 
@@ -32,7 +33,13 @@ CREDENTIAL_CODES = frozenset(
     {"invalid_client", "invalid_grant", "unauthorized_client", "invalid_scope", "access_denied"}
 )
 MAX_SKEW = 5.0  # seconds of Date-header disagreement tolerated before correcting
+MIN_LIFETIME = 1.0  # a token living less than this on arrival is refused, never cached
+MASK = "***"
 _DETAIL_LIMIT = 200
+_READ_LIMIT = 65536  # vendor text is scrubbed whole up to here, then cut to _DETAIL_LIMIT
+# a run that looks like a key, a base64 value or a JWT: masked even when it is no known secret
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9+/=_.~%-]{32,}")
+_SECRET_NAME = re.compile(r"(?i)secret|password|passwd|token|key|auth|credential")
 
 
 class TransientTokenError(TokenError):
@@ -49,9 +56,14 @@ class TransientTokenError(TokenError):
         *,
         retry_after: float | None = None,
         idp_status: int | None = None,
+        vendor_detail: str | None = None,
     ) -> None:
         super().__init__(
-            provider, f"provider {provider}: {detail}", status=503, retry_after=retry_after
+            provider,
+            f"provider {provider}: {detail}",
+            status=503,
+            retry_after=retry_after,
+            vendor_detail=vendor_detail,
         )
         self.idp_status = idp_status
 
@@ -63,6 +75,50 @@ class _RefreshRefused(Exception):
 def token_error(provider: str, detail: str, **kwargs: Any) -> TokenError:
     """A final ``TokenError`` whose text names the provider."""
     return TokenError(provider, f"provider {provider}: {detail}", **kwargs)
+
+
+class Scrubber:
+    """Masks every form in which a secret can come back in a vendor's error text.
+
+    A vendor may echo what it was sent: the raw value, its form encoding (``quote_plus``
+    or ``quote``), its JSON escaping, its base64, or the whole Basic credential. Every one
+    of those is masked, longest first, before the text is cut short, so a cut never leaves
+    a secret's prefix behind; any other key-looking run is masked as well.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if secret:
+                forms.update(_encodings(secret))
+        self._forms = sorted(forms, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        text = text[:_READ_LIMIT]
+        for form in self._forms:
+            text = text.replace(form, MASK)
+        text = _TOKEN_LIKE.sub(_mask_token_like, text)
+        text = "".join(c if c.isprintable() else " " for c in text)
+        return text[:_DETAIL_LIMIT]
+
+
+def _encodings(secret: str) -> set[str]:
+    b64 = base64.b64encode(secret.encode()).decode("ascii")
+    return {
+        secret,
+        quote_plus(secret, safe=""),
+        quote(secret, safe=""),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        b64,
+        b64.rstrip("="),
+    } - {""}
+
+
+def _mask_token_like(match: re.Match[str]) -> str:
+    run = match.group()
+    looks_random = any(c.isdigit() for c in run) and any(c.isalpha() for c in run)
+    return MASK if looks_random else run
 
 
 class Grant(Protocol):
@@ -172,23 +228,27 @@ class _HttpGrant:
         url: str,
         form: dict[str, str],
         headers: dict[str, str] | None = None,
+        current: Token | None = None,
     ) -> Token:
-        """POST ``form`` and read the token; a refused refresh raises ``_RefreshRefused``."""
+        """POST ``form`` and read the token; a refused refresh raises ``_RefreshRefused``.
+
+        ``current`` is the token held now: its values are masked in vendor text too.
+        """
+        headers = headers or {}
+        scrub = self._scrubber(form, headers, current)
         started = time.perf_counter()
-        outcome, code = "error", None
+        outcome, code, said = "error", None, None
         try:
-            answer, sent_at = await self._post(step, url, form, headers or {})
+            answer, sent_at = await self._post(step, url, form, headers)
             if step == "refresh" and _refused(answer):
-                code = _error_code(answer)
+                code, said = _error_code(answer, scrub), vendor_text(answer, scrub)
                 raise _RefreshRefused
-            token = self._token_from(step, answer, sent_at)
+            token = self._token_from(step, answer, sent_at, scrub)
             outcome = "success"
             return token
-        except TransientTokenError:
-            outcome = "transient"
-            raise
         except TokenError as exc:
-            code = exc.code
+            outcome = "transient" if isinstance(exc, TransientTokenError) else "error"
+            code, said = exc.code, exc.vendor_detail
             raise
         finally:
             self._emit(
@@ -197,7 +257,22 @@ class _HttpGrant:
                 outcome=outcome,
                 code=code,
                 duration=round(time.perf_counter() - started, 6),
+                **({"vendor_detail": said} if said else {}),
             )
+
+    def _scrubber(
+        self, form: Mapping[str, str], headers: Mapping[str, str], current: Token | None
+    ) -> Scrubber:
+        """Every secret this request sent or the grant holds, in the forms a vendor may echo."""
+        p = self.provider
+        held = [s.get_secret_value() for s in (p.client_secret, p.password, p.token) if s]
+        if current is not None:
+            held += [current.value, current.refresh_token or ""]
+        sent = {**p.token_params, **form, **p.token_headers, **headers}
+        for name, value in sent.items():
+            if _SECRET_NAME.search(name):
+                held += [value, value.partition(" ")[2]]  # "Basic <b64>": the whole and the b64
+        return Scrubber(held)
 
     async def _post(
         self, step: str, url: str, form: dict[str, str], headers: dict[str, str]
@@ -235,18 +310,10 @@ class _HttpGrant:
             ) from None
         return answer, sent_at
 
-    def _token_from(self, step: str, answer: _Answer, sent_at: float) -> Token:
+    def _token_from(self, step: str, answer: _Answer, sent_at: float, scrub: Scrubber) -> Token:
         if 200 <= answer.status < 300:
-            return parse_token(self.provider, answer, sent_at, self._scrub)
-        raise classify_failure(self.provider.name, step, answer, sent_at, self._scrub)
-
-    def _scrub(self, text: str) -> str:
-        """Vendor-supplied text, cut short and with any configured secret masked."""
-        text = text[:_DETAIL_LIMIT]
-        for secret in (self.provider.client_secret, self.provider.password, self.provider.token):
-            if secret is not None and secret.get_secret_value():
-                text = text.replace(secret.get_secret_value(), "***")
-        return text
+            return parse_token(self.provider, answer, sent_at, scrub, step=step)
+        raise classify_failure(self.provider.name, step, answer, sent_at, scrub)
 
 
 class ClientCredentialsGrant(_HttpGrant):
@@ -258,7 +325,8 @@ class ClientCredentialsGrant(_HttpGrant):
         headers: dict[str, str] = {}
         self._client_auth(form, headers)
         self._oauth_extras(form)
-        token = await self._request(step, _url(self.provider.token_url), form, headers)
+        url = _url(self.provider.token_url)
+        token = await self._request(step, url, form, headers, current)
         return replace(token, refresh_token=None), step
 
 
@@ -268,30 +336,30 @@ class PasswordGrant(_HttpGrant):
     async def fetch(self, current: Token | None) -> tuple[Token, str]:
         if current is not None and current.refresh_token is not None:
             try:
-                token = await self._refresh(current.refresh_token)
+                token = await self._refresh(current, current.refresh_token)
             except _RefreshRefused:
                 self._emit("refresh_refused_login", step="refresh")
             else:
                 kept = token.refresh_token or current.refresh_token
                 return replace(token, refresh_token=kept), "refresh"
-        return await self._login(), "login"
+        return await self._login(current), "login"
 
-    async def _login(self) -> Token:
+    async def _login(self, current: Token | None) -> Token:
         p = self.provider
         password = p.password.get_secret_value() if p.password is not None else ""
         form = {"grant_type": "password", "username": p.username or "", "password": password}
         headers: dict[str, str] = {}
         self._client_auth(form, headers)
         self._oauth_extras(form)
-        return await self._request("login", _url(p.token_url), form, headers)
+        return await self._request("login", _url(p.token_url), form, headers, current)
 
-    async def _refresh(self, refresh_token: str) -> Token:
+    async def _refresh(self, current: Token, refresh_token: str) -> Token:
         p = self.provider
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         headers: dict[str, str] = {}
         self._client_auth(form, headers)
         url = _url(p.refresh_url or p.token_url)
-        return await self._request("refresh", url, form, headers)
+        return await self._request("refresh", url, form, headers, current)
 
 
 class SimacanGrant(_HttpGrant):
@@ -305,13 +373,14 @@ class SimacanGrant(_HttpGrant):
         p = self.provider
         if current is not None and current.refresh_token is not None:
             form = {"refresh_token": current.refresh_token}
+            url = _url(p.refresh_url)
             try:
-                return await self._request("refresh", _url(p.refresh_url), form), "refresh"
+                return await self._request("refresh", url, form, current=current), "refresh"
             except _RefreshRefused:
                 self._emit("refresh_refused_login", step="refresh")
         password = p.password.get_secret_value() if p.password is not None else ""
         form = {"username": p.username or "", "password": password}
-        return await self._request("login", _url(p.token_url), form), "login"
+        return await self._request("login", _url(p.token_url), form, current=current), "login"
 
 
 # ---------------------------------------------------------------------------
@@ -319,28 +388,53 @@ class SimacanGrant(_HttpGrant):
 
 
 def parse_token(
-    provider: Provider, answer: _Answer, now: float, scrub: Callable[[str], str] = str
+    provider: Provider,
+    answer: _Answer,
+    now: float,
+    scrub: Callable[[str], str],
+    *,
+    step: str = "token",
 ) -> Token:
-    """A successful answer → Token; a body we cannot use → TokenError saying why."""
+    """A successful answer → Token; a body we cannot use → TokenError saying why.
+
+    The errors name the step and what is missing; what the vendor actually sent goes only
+    to ``vendor_detail``, scrubbed (with the answer's own token values masked too).
+    """
     doc = _json_object(answer)
     if doc is None:
         raise token_error(
             provider.name,
-            f"token endpoint answered {answer.status} with a body that is not a JSON object"
-            f" (content type {answer.content_type or 'none'})",
+            f"{step} request: token endpoint answered {answer.status} with a body that is not"
+            " a JSON object",
+            vendor_detail=f"content type {scrub(answer.content_type or 'none')}",
         )
     fields = provider.response
     value = doc.get(fields.access_token)
     if not isinstance(value, str) or not value:
-        raise token_error(provider.name, f"token endpoint answer has no {fields.access_token}")
+        raise token_error(
+            provider.name, f"{step} request: token endpoint answer has no {fields.access_token}"
+        )
     if not value.isascii() or not value.isprintable() or " " in value:
         # RFC 6750 b64token: a token that would break the Authorization header is refused here
-        raise token_error(provider.name, f"{fields.access_token} has characters a token cannot")
+        raise token_error(
+            provider.name, f"{step} request: {fields.access_token} has characters a token cannot"
+        )
     token_type = doc.get(fields.token_type)
     if token_type is not None and str(token_type).lower() != "bearer":
-        kind = scrub(str(token_type))
-        raise token_error(provider.name, f"token type {kind!r} is not supported (only Bearer)")
+        raise token_error(
+            provider.name,
+            f"{step} request: the token type is not supported (only Bearer)",
+            vendor_detail=f"token type {scrub(str(token_type).replace(value, MASK))!r}",
+        )
     lifetime = _lifetime(provider, doc.get(fields.expires_in), value, answer, now)
+    if lifetime < MIN_LIFETIME:
+        # caching it would mean one token endpoint call per request; refusing it means the
+        # cool-down applies, as for any other refusal
+        raise token_error(
+            provider.name,
+            f"{step} request: token endpoint answered a token that is already expired"
+            f" ({lifetime:.0f} s left)",
+        )
     refresh = doc.get(fields.refresh_token)
     return Token(
         value,
@@ -423,42 +517,64 @@ def _scope(raw: object) -> str | None:
 
 
 def classify_failure(
-    provider: str, step: str, answer: _Answer, now: float, scrub: Callable[[str], str] = str
+    provider: str,
+    step: str,
+    answer: _Answer,
+    now: float,
+    scrub: Callable[[str], str],
 ) -> TokenError:
-    """A non-2xx answer → the error to raise: transient (retry) or final (credentials, config)."""
-    status = answer.status
+    """A non-2xx answer → the error to raise: transient (retry) or final (credentials, config).
+
+    The detail carries the step, the HTTP status and the vendor's error code, never the
+    vendor's free text: that text may echo a secret in a form no scrubber knows.
+    """
+    status, said = answer.status, vendor_text(answer, scrub)
     if status == 429 or status == 408 or status >= 500:
         return TransientTokenError(
             provider,
             f"{step} request: token endpoint answered HTTP {status}",
             retry_after=retry_after(answer, now),
             idp_status=status,
+            vendor_detail=said,
         )
     if 300 <= status < 400:
-        return token_error(provider, f"{step} request: token endpoint redirected ({status})")
-    code = _error_code(answer)
-    doc = _json_object(answer) or {}
-    said = doc.get("error_description") or doc.get("detail") or doc.get("title")
-    why = f": {scrub(said)}" if isinstance(said, str) and said else ""
+        return token_error(
+            provider,
+            f"{step} request: token endpoint redirected ({status})",
+            vendor_detail=said,
+        )
+    code = _error_code(answer, scrub)
     credential = status == 401 or (status in (400, 403) and code is not None)
     label = f" {code}" if code else ""
     return token_error(
         provider,
-        f"{step} request refused: HTTP {status}{label}{why}",
+        f"{step} request refused: HTTP {status}{label}",
         code=code,
         credential_failure=credential,
+        vendor_detail=said,
     )
 
 
-def _error_code(answer: _Answer) -> str | None:
-    """RFC 6749 ``error``, or an RFC 9457-style problem ``type`` (SimpleDocs)."""
+def vendor_text(answer: _Answer, scrub: Callable[[str], str]) -> str | None:
+    """What the vendor said about a failure, scrubbed: for logs and the admin page only."""
+    doc = _json_object(answer)
+    if doc is not None:
+        said = doc.get("error_description") or doc.get("detail") or doc.get("title")
+        return scrub(said) if isinstance(said, str) and said else None
+    text = answer.body[:_READ_LIMIT].decode("utf-8", "replace").strip()
+    return scrub(" ".join(text.split())) if text else None
+
+
+def _error_code(answer: _Answer, scrub: Callable[[str], str] = str) -> str | None:
+    """RFC 6749 ``error``, or an RFC 9457-style problem ``type`` (SimpleDocs); scrubbed, as
+    it reaches clients."""
     doc = _json_object(answer)
     if doc is None:
         return None
     for key in ("error", "type"):
         code = doc.get(key)
         if isinstance(code, str) and code and len(code) <= 100:
-            return code
+            return scrub(code)
     return None
 
 
