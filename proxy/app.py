@@ -37,6 +37,7 @@ from proxy.guard import GuardedSite
 from proxy.observability import Observer, request_id_from
 from proxy.problems import (
     BadRequest,
+    ConfigError,
     NotFound,
     ProxyError,
     ServiceUnavailable,
@@ -89,6 +90,18 @@ class Runtime:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def build(self, loaded: Loaded, previous: TokenRegistry | None) -> Generation:
+        """The generation for ``loaded``; any failure is a ConfigError naming the file, so
+        start-up exits 2 and a reload is refused, whatever went wrong (a CA file replaced
+        since validation, a registry that cannot be made)."""
+        try:
+            return self._build(loaded, previous)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            problem = f"cannot apply the config: {type(exc).__name__}: {exc}"
+            raise ConfigError(loaded.path, "", problem) from exc
+
+    def _build(self, loaded: Loaded, previous: TokenRegistry | None) -> Generation:
         assert self.token_session is not None
         providers = loaded.config.providers
         if previous is None and self.registry_factory is not None:
@@ -107,10 +120,17 @@ class Runtime:
         return Generation(loaded, RouteTable(routes), registry, access)
 
     async def reload(self) -> Generation:
-        """Swap in a new config; the caller gets ConfigError when it is invalid."""
+        """Swap in a new config; the caller gets ConfigError, and nothing changes, whatever
+        made the new one fail. ``reload_and_report`` is what SIGHUP and /-/reload call."""
         assert self.reloader is not None and self.generation is not None
         async with self._reload_lock:
-            loaded = await self.reloader()
+            try:
+                loaded = await self.reloader()
+            except ConfigError:
+                raise
+            except Exception as exc:
+                problem = f"cannot read the config: {type(exc).__name__}: {exc}"
+                raise ConfigError(self.loaded.path, "", problem) from exc
             gen = self.build(loaded, self.generation.registry)
             self.generation = gen
             self.loaded = loaded
@@ -118,6 +138,33 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+class ConfigInvalid(ProxyError):
+    """A reload refused: the admin caller learns the file, key path and problem."""
+
+    status = 422
+    slug = "config-invalid"
+    title = "Configuration invalid; the running configuration is unchanged"
+
+    def __init__(self, err: ConfigError) -> None:
+        super().__init__(err.problem, extra={"file": err.file, "key_path": err.path})
+
+
+async def reload_and_report(rt: Runtime) -> Generation:
+    """The one reload of SIGHUP and ``POST /-/reload``: swaps, logs, counts; a refused
+    config raises ConfigInvalid after being logged and counted as an error."""
+    try:
+        gen = await rt.reload()
+    except ConfigError as err:
+        rt.observer.reload_done(ok=False)
+        log.error(
+            "reload failed, config unchanged", file=err.file, key_path=err.path, problem=err.problem
+        )
+        raise ConfigInvalid(err) from None
+    rt.observer.reload_done(ok=True)
+    log.info("reloaded", routes=[r.prefix for r in gen.config.routes], config=gen.loaded.path)
+    return gen
 
 
 def _route_runtime(route: Route, loaded: Loaded, registry: TokenRegistry) -> RouteRuntime:
@@ -194,11 +241,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Open the session and token registry at start-up, close them at shutdown."""
     rt = app[RUNTIME]
     config = rt.loaded.config
-    rt.spool_dir = spool_root(config.spool_dir)
+    try:
+        rt.spool_dir = spool_root(config.spool_dir)
+    except ConfigError as err:  # it names the directory; the user needs the config key too
+        raise ConfigError(rt.loaded.path, "spool_dir", str(err)) from None
     rt.session = make_session(config)
     rt.token_session = make_token_session(config)
     rt.forwarder = Forwarder(rt.session, rt.spool_dir, Client())
-    rt.generation = rt.build(rt.loaded, None)
+    try:
+        rt.generation = rt.build(rt.loaded, None)
+    except ConfigError:  # start-up fails: aiohttp runs no cleanup, so close what is open
+        await _close(rt)
+        raise
     rt.observer.set_token_states(lambda: _token_states(rt))
     for where in _insecure_tls(config):
         rt.observer.warning("TLS verification disabled (insecure_skip_verify)", **where)
@@ -206,13 +260,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        rt.draining = True
-        if rt.generation is not None:
-            await rt.generation.registry.aclose()
+        await _close(rt)
+
+
+async def _close(rt: Runtime) -> None:
+    rt.draining = True
+    if rt.generation is not None:
+        await rt.generation.registry.aclose()
+    if rt.forwarder is not None:
         await rt.forwarder.aclose()
+    if rt.session is not None:
         await rt.session.close()
+    if rt.token_session is not None:
         await rt.token_session.close()
-        rt.observer.flush()
+    rt.observer.flush()
 
 
 def _insecure_tls(config: Config) -> list[dict[str, str]]:
@@ -518,7 +579,7 @@ async def _admin(
     if path.startswith("/-/tokens/") and path.endswith("/renew") and request.method == "POST":
         return await _renew(rt, path.removeprefix("/-/tokens/").removesuffix("/renew"))
     if path == "/-/reload" and request.method == "POST" and on_admin_listener:
-        gen = await rt.reload()
+        gen = await reload_and_report(rt)
         return web.json_response({"status": "reloaded", "routes": len(gen.table)})
     raise NotFound(f"no admin endpoint {path[:100]}")
 
@@ -562,7 +623,11 @@ async def start_runner(
         reuse_port=reuse_port,
         dispatch=app.get(DISPATCH),
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError:  # the caller reports it; the app's start-up ran and must be undone
+        await runner.cleanup()
+        raise
     addresses = [a for a in runner.addresses if isinstance(a, tuple)]
     port = int(addresses[-1][1]) if addresses else listen.port
     return runner, port

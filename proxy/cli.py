@@ -15,14 +15,17 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from pydantic import ValidationError
 
 from proxy import __version__
 from proxy.app import (
     RUNTIME,
+    ConfigInvalid,
     RegistryFactory,
     create_admin_app,
     create_app,
     make_token_session,
+    reload_and_report,
     start_runner,
 )
 from proxy.config import Config, Listen, Loaded, load_config
@@ -90,9 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_for_run(path: str, host: str | None, port: int | None) -> Loaded:
+    """The one check of ``check``, start-up and reload: what passes here can start."""
     loaded = load_config(path)
     cfg = loaded.config
-    listen = Listen(host=host or cfg.listen.host, port=cfg.listen.port if port is None else port)
+    try:
+        listen = Listen(
+            host=host or cfg.listen.host, port=cfg.listen.port if port is None else port
+        )
+    except ValidationError as exc:  # --host/--port: the config file is not to blame
+        err = exc.errors()[0]
+        key = "listen." + ".".join(str(p) for p in err["loc"])
+        problem = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError("command line", key, problem) from None
     loaded.config = cfg.model_copy(update={"listen": listen})
     check_exposure(loaded)
     return loaded
@@ -122,7 +134,7 @@ def _install_uvloop() -> None:
 
 def _check(path: str) -> int:
     try:
-        loaded = load_config(path)
+        loaded = _load_for_run(path, None, None)
     except ConfigError as err:
         print(f"tokenrelay: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -233,7 +245,11 @@ async def serve_app(
     the grace period; ``ready`` is set once the ports are bound and the signals handled."""
     cfg = loaded.config
     app = _build_app(loaded, log_format, how)
-    runners = await _start_runners(app, cfg, how)
+    try:
+        runners = await _start_runners(app, loaded, how)
+    except ConfigError as err:  # as a config error before the start: exit 2, no traceback
+        print(f"tokenrelay: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     stop = on_signals(lambda: how.on_hangup(app))
     watch = asyncio.ensure_future(how.until()) if how.until is not None else None
     if watch is not None:
@@ -264,18 +280,35 @@ def _build_app(loaded: Loaded, log_format: str, how: Serving) -> web.Application
     return app
 
 
-async def _start_runners(app: web.Application, cfg: Config, how: Serving) -> list[web.AppRunner]:
-    """Main listener first, then the admin one: shutdown cleans them up in reverse."""
-    runner, port = await start_runner(app, cfg, cfg.listen, reuse_port=how.reuse_port)
+async def _start_runners(app: web.Application, loaded: Loaded, how: Serving) -> list[web.AppRunner]:
+    """Main listener first, then the admin one: shutdown cleans them up in reverse. A port
+    that cannot be had is a ConfigError naming the listener's key, with nothing left open."""
+    cfg = loaded.config
+    runner, port = await _listen(app, loaded, "listen", cfg.listen, how)
     runners, admin_port = [runner], None
     if cfg.admin is not None:
         admin_app = create_admin_app(app)
         if how.on_response is not None:
             admin_app.on_response_prepare.append(how.on_response)
-        admin, admin_port = await start_runner(admin_app, cfg, cfg.admin, reuse_port=how.reuse_port)
+        try:
+            admin, admin_port = await _listen(admin_app, loaded, "admin", cfg.admin, how)
+        except ConfigError:
+            await runner.cleanup()
+            raise
         runners.append(admin)
     how.announce(port, admin_port)
     return runners
+
+
+async def _listen(
+    app: web.Application, loaded: Loaded, key: str, listen: Listen, how: Serving
+) -> tuple[web.AppRunner, int]:
+    try:
+        return await start_runner(app, loaded.config, listen, reuse_port=how.reuse_port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        problem = f"cannot listen on {listen.host}:{listen.port}: {why}"
+        raise ConfigError(loaded.path, key, problem) from None
 
 
 def on_signals(
@@ -312,14 +345,6 @@ def _announce(loaded: Loaded, port: int, admin_port: int | None) -> None:
 
 
 async def _sighup(app: web.Application) -> None:
-    rt = app[RUNTIME]
-    try:
-        gen = await rt.reload()
-    except ConfigError as err:
-        rt.observer.reload_done(ok=False)
-        log.error(
-            "reload failed, config unchanged", file=err.file, key_path=err.path, problem=err.problem
-        )
-        return
-    rt.observer.reload_done(ok=True)
-    log.info("reloaded", routes=[r.prefix for r in gen.config.routes], config=gen.loaded.path)
+    """Logged and counted by ``reload_and_report``; nobody waits for the answer."""
+    with contextlib.suppress(ConfigInvalid):
+        await reload_and_report(app[RUNTIME])

@@ -10,13 +10,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ByteSize,
     ConfigDict,
@@ -30,6 +32,7 @@ from pydantic import (
 from yarl import URL
 
 from proxy.problems import ConfigError
+from proxy.tls import TLSFileError, check_files
 
 ADMIN_PREFIX = "/-/"
 SECRET_KEYS = frozenset({"password", "client_secret", "token", "key", "client_key_password"})
@@ -65,9 +68,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
 class Listen(Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        """Bind fails late and obscurely (a resolver error) on a string that is no host."""
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            if len(v) > 253 or not _HOSTNAME.fullmatch(v):
+                raise ValueError(
+                    f"{v!r} is neither an IP address nor a host name (e.g. 127.0.0.1, ::1, "
+                    "0.0.0.0, localhost)"
+                ) from None
+        return v
 
     def is_loopback(self) -> bool:
         return is_loopback(self.host)
@@ -89,9 +109,14 @@ class TLS(Model):
     def _pair(self) -> TLS:
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError("client_cert_file and client_key_file go together")
-        for p in (self.ca_file, self.client_cert_file, self.client_key_file):
+        for name in ("ca_file", "client_cert_file", "client_key_file"):
+            p = getattr(self, name)
             if p is not None and not p.is_file():
-                raise ValueError(f"file not found: {p}")
+                raise _KeyedError((name,), f"file not found: {p}")
+        try:  # loaded here as at start-up, so check and reload refuse what start would
+            check_files(self)
+        except TLSFileError as exc:
+            raise _KeyedError((exc.key,), str(exc)) from None
         return self
 
 
@@ -261,6 +286,41 @@ class Limits(Model):
     max_connections: int = Field(default=10000, ge=1)
 
 
+def _network(v: str) -> str:
+    """Parsed again at build time; a bad entry must fail here, with its index."""
+    try:
+        ipaddress.ip_network(v, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{v!r} is not an IP address or network (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/8)"
+        ) from None
+    return v
+
+
+def _spool_dir(v: Path | None) -> Path | None:
+    """What ``spool_root`` would refuse, found without creating anything: start-up makes
+    the directory (0700) and refuses it again if it changed meanwhile."""
+    if v is None:
+        return v
+    existing = next((p for p in (v, *v.parents) if os.path.lexists(p)), None)
+    if existing is not None and existing != v and not existing.is_dir():
+        raise ValueError(f"cannot create {v}: {existing} is not a directory")
+    if existing != v:
+        return v
+    try:
+        st = v.stat()
+    except OSError as exc:
+        raise ValueError(f"{v} is unusable: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{v} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ValueError(f"{v} must be owned by the proxy's user (uid {os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = oct(stat.S_IMODE(st.st_mode))
+        raise ValueError(f"{v} must not be group or world writable (mode {mode})")
+    return v
+
+
 class Config(Model):
     listen: Listen = Listen()
     admin: Listen | None = None
@@ -268,9 +328,9 @@ class Config(Model):
     routes: list[Route] = Field(default_factory=list)
     clients: list[Client] = Field(default_factory=list)
     limits: Limits = Limits()
-    spool_dir: Path | None = None
+    spool_dir: Annotated[Path | None, AfterValidator(_spool_dir)] = None
     shutdown_grace: float = Field(default=30.0, ge=0)
-    trusted_proxies: list[str] = Field(default_factory=list)
+    trusted_proxies: list[Annotated[str, AfterValidator(_network)]] = Field(default_factory=list)
     allow_unauthenticated: bool = False
     trust_env: bool = True
 
@@ -303,7 +363,7 @@ def _plain_remote(url: str) -> bool:
 
 
 class _KeyedError(ValueError):
-    """A cross-field error that knows its own key path."""
+    """An error that knows its key path, relative to the model that raised it."""
 
     def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
         super().__init__(msg)
@@ -475,7 +535,7 @@ def parse_config(
         loc = tuple(err["loc"])
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _KeyedError):
-            loc = ctx_err.loc
+            loc = (*loc, *ctx_err.loc)
             msg = str(ctx_err)
         else:
             msg = _message(err)
