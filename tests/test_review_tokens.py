@@ -249,14 +249,25 @@ async def test_a_secret_cut_by_the_length_limit_leaves_no_prefix(
     vendor = Sipsim(client_secret="Sip-cut-SECRET-value-0123456789")
     async with serve(vendor):
         pad = "x " * 95  # the secret begins a few characters before the 200-character cut
-        vendor.fail_next(
-            400,
-            {"error": "invalid_client", "error_description": pad + "s=" + (vendor.client_secret)},
-        )
+        said = {"error": "invalid_client", "error_description": f"{pad}s={vendor.client_secret}"}
+        vendor.fail_next(400, said)
         with pytest.raises(TokenError) as err:
             await make_grant(vendor.provider(), session, clock=FakeClock()).fetch(None)
-    said = err.value.vendor_detail or ""
-    assert said.startswith("x x") and "Sip-" not in said
+    text = err.value.vendor_detail or ""
+    assert text.startswith("x x") and "Sip-" not in text
+
+
+async def test_a_secret_with_whitespace_in_a_plain_text_body_is_masked(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Whitespace is folded for the log line only after masking, so such a secret matches."""
+    vendor = Sipsim(client_secret="Sip  two\tspaced\nSECRET")
+    async with serve(vendor):
+        vendor.fail_next(401, f"bad client secret\n{vendor.client_secret}\n")
+        with pytest.raises(TokenError) as err:
+            await make_grant(vendor.provider(), session, clock=FakeClock()).fetch(None)
+    assert err.value.vendor_detail == "bad client secret ***"
+    assert err.value.detail == "provider sipsim: client_credentials request refused: HTTP 401"
 
 
 # pieces that carry no secret: no Basic credential (body auth), or a form of grant_type only

@@ -2,8 +2,11 @@
 
 Grants do no caching, retrying or locking (that is ``proxy.tokens.cache``); they
 translate every HTTP or transport failure once, here, into ``TokenError`` (give
-up) or ``TransientTokenError`` (worth retrying). Error texts name the provider
-and what went wrong, never a secret or a token.
+up) or ``TransientTokenError`` (worth retrying). An error's ``detail`` reaches
+clients, so it names only the provider, the step, the HTTP status and the vendor's error
+code; the vendor's own text, which may echo what it was sent, is scrubbed of every form
+of every secret the request carried or the grant holds and kept apart as
+``vendor_detail``, for logs and operators.
 """
 
 from __future__ import annotations
@@ -103,15 +106,16 @@ class Scrubber:
 
 
 def _encodings(secret: str) -> set[str]:
-    b64 = base64.b64encode(secret.encode()).decode("ascii")
+    raw = secret.encode()
+    b64s = (base64.b64encode(raw).decode("ascii"), base64.urlsafe_b64encode(raw).decode("ascii"))
     return {
         secret,
         quote_plus(secret, safe=""),
         quote(secret, safe=""),
         json.dumps(secret)[1:-1],
         json.dumps(secret, ensure_ascii=False)[1:-1],
-        b64,
-        b64.rstrip("="),
+        *b64s,
+        *(b.rstrip("=") for b in b64s),
     } - {""}
 
 
@@ -561,8 +565,8 @@ def vendor_text(answer: _Answer, scrub: Callable[[str], str]) -> str | None:
     if doc is not None:
         said = doc.get("error_description") or doc.get("detail") or doc.get("title")
         return scrub(said) if isinstance(said, str) and said else None
-    text = answer.body[:_READ_LIMIT].decode("utf-8", "replace").strip()
-    return scrub(" ".join(text.split())) if text else None
+    text = " ".join(scrub(answer.body[:_READ_LIMIT].decode("utf-8", "replace")).split())
+    return text or None  # scrubbed before whitespace is folded: a secret may hold some
 
 
 def _error_code(answer: _Answer, scrub: Callable[[str], str] = str) -> str | None:
