@@ -101,8 +101,6 @@ class GuardedHandler(RequestHandler):
         """Parser refusals and handler failures as problems; aiohttp still raises when a
         response is already out (the connection is cut) and logs the handler's failures."""
         if isinstance(exc, HttpProcessingError) and status < 500:  # the parser refused it
-            if request.writer.output_size > 0:
-                return super().handle_error(request, status, exc, message)
             return self._refuse(request, refusal(exc))
         resp = super().handle_error(request, status, exc, message)  # logs; raises if too late
         if status != 500:

@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from proxy.guard import refusal
 from proxy.problems import PROBLEM_TYPE_BASE
+from tests.conftest import StartProxy
 from tests.helpers import LogStream, OwnProxy, Recorder, own_proxy
 
 WAIT = 5.0
@@ -250,6 +251,20 @@ async def test_unknown_expectation_is_a_417_problem_with_an_access_line(
     [line] = await access_lines(p.logs, "client-id-1")
     assert line["status"] == 417
     assert rec.received == b""
+
+
+async def test_a_failure_escaping_a_handler_is_a_500_problem(start_proxy: StartProxy) -> None:
+    """The admin listener's handler lets non-ProxyErrors through (here: a reload with no
+    reloader set up); aiohttp's 500 keeps its log line and closing, and becomes a problem."""
+    p = await start_proxy("admin: {host: 127.0.0.1, port: 0}\nroutes: []\n")
+    assert p.admin_url is not None and p.admin_url.port is not None
+    request = b"POST /-/reload HTTP/1.1\r\nHost: h\r\nX-Request-Id: rid-500\r\n\r\n"
+    [answer] = await send(p.admin_url.port, request)
+    assert answer.status == 500
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert answer.headers["X-Request-Id"] == "rid-500"
+    assert answer.json()["type"] == PROBLEM_TYPE_BASE + "internal-error"
+    assert answer.closed
 
 
 def python_parser_refusal(data: bytes) -> HttpProcessingError:
