@@ -2,7 +2,9 @@
 
 As in Go's ``httputil.ReverseProxy``: hop-by-hop headers (and every header the
 Connection header names) are dropped before anything is added, so the headers
-the proxy injects survive.
+the proxy injects survive. Names are compared lowercased: a multidict's ``istr`` keys
+hash by their spelling, so ``x-forwarded-for`` or ``transfer-encoding`` would slip past a
+set of canonical names.
 """
 
 from __future__ import annotations
@@ -31,19 +33,22 @@ _X_FORWARDED = frozenset(
 )
 # what a client says about earlier hops: believed only from a trusted proxy, which the
 # X-Forwarded-* are rebuilt from; the others pass through from it untouched
-_HOP_CLAIMS = frozenset(istr(h) for h in ("Forwarded", "X-Real-IP"))
-_REQUEST_DROP = HOP_BY_HOP | _X_FORWARDED | {istr("Host"), istr("Expect"), istr("X-Request-Id")}
+_HOP_CLAIMS = frozenset(("forwarded", "x-real-ip"))
+_REQUEST_DROP = frozenset(
+    h.lower() for h in HOP_BY_HOP | _X_FORWARDED | {"Host", "Expect", "X-Request-Id"}
+)
+_RESPONSE_DROP = frozenset(h.lower() for h in HOP_BY_HOP | {"Content-Length"})
 _AUTHORIZATION = istr("Authorization")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Headers listed in Connection are hop-by-hop for this message too."""
+    """Headers listed in Connection are hop-by-hop for this message too (lowercased)."""
     values = tuple(headers.getall("Connection", ()))
     named = _NAMED.get(values)
     if named is None:
-        named = frozenset(istr(t.strip()) for v in values for t in v.split(",") if t.strip())
+        named = frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
         if len(_NAMED) < 256:  # the usual values (keep-alive, close) repeat endlessly
             _NAMED[values] = named
     return named
@@ -78,8 +83,10 @@ def request_headers(
     skip = _skip_set(drop, trusted_hop)
     named = connection_named(incoming) if "Connection" in incoming else frozenset()
     out: CIMultiDict[str] = CIMultiDict()
+    seen = _LOWER.get
     for name, value in incoming.items():
-        if name in skip or name in named:
+        low = seen(name) or _lower(name)
+        if low in skip or low in named:
             continue
         out.add(name, value)
     # the X-Forwarded-* were all skipped above: add is set, without the search
@@ -94,6 +101,18 @@ def request_headers(
     return out
 
 
+_LOWER: dict[str, str] = {}
+
+
+def _lower(name: str) -> str:
+    """``name.lower()``, remembered: header names are few and repeat endlessly, and a lookup
+    is cheaper than a new string per header per request."""
+    low = name.lower()
+    if len(_LOWER) < 4096:  # random names from a hostile peer do not grow it without end
+        _LOWER[name] = low
+    return low
+
+
 _SKIP_SETS: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
 
 
@@ -102,7 +121,7 @@ def _skip_set(drop: frozenset[str], trusted_hop: bool) -> frozenset[str]:
     than per request (routes are few: the cache stays small)."""
     skip = _SKIP_SETS.get((drop, trusted_hop))
     if skip is None:
-        skip = _REQUEST_DROP | drop
+        skip = _REQUEST_DROP | {h.lower() for h in drop}
         if not trusted_hop:
             skip |= _HOP_CLAIMS
         _SKIP_SETS[(drop, trusted_hop)] = skip
@@ -117,8 +136,10 @@ def response_headers(
     ``into``: the response's own header map, filled in place (saves a copy)."""
     named = connection_named(incoming) if "Connection" in incoming else frozenset()
     out: CIMultiDict[str] = CIMultiDict() if into is None else into
+    seen = _LOWER.get
     for name, value in incoming.items():
-        if name in HOP_BY_HOP or name in named or name == "Content-Length":
+        low = seen(name) or _lower(name)
+        if low in _RESPONSE_DROP or low in named:
             continue
         out.add(name, value)
     return out
