@@ -48,7 +48,7 @@ from proxy.tokens.source import Clock, Token, system_clock
 log = structlog.get_logger("tokenrelay")
 WORKER_HEADER = "X-Tokenrelay-Worker"  # on admin answers: which worker the kernel picked
 _TOKEN_FIELDS = ("value", "expires_at", "obtained_at", "token_type", "scope")
-_ERROR_FIELDS = ("detail", "code", "status", "retry_after", "credential_failure")
+_ERROR_FIELDS = ("detail", "code", "status", "retry_after", "credential_failure", "vendor_detail")
 _FROM_PARENT: ContextVar[bool] = ContextVar("reload_from_parent", default=False)
 
 

@@ -288,7 +288,8 @@ async def test_vendor_description_echoing_a_secret_is_masked(
         v.fail_next(400, {"error": "invalid_client", "error_description": f"bad {v.client_secret}"})
         with pytest.raises(TokenError) as err:
             await make_grant(v.provider(), session, clock=clock).fetch(None)
-    assert "bad ***" in err.value.detail and v.client_secret not in str(err.value)
+    assert "bad ***" in (err.value.vendor_detail or "") and v.client_secret not in str(err.value)
+    assert "bad" not in err.value.detail  # the vendor's words stay out of the client's answer
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 429])

@@ -142,6 +142,7 @@ class CachedTokenSource:
             "last_step": self._last_step,
             "last_error": None if failure is None else (failure.code or "error"),
             "last_error_detail": None if failure is None else failure.detail,
+            "last_error_vendor_detail": None if failure is None else failure.vendor_detail,
             "cooldown_seconds_left": self._cooldown_left(now),
         }
 
@@ -280,6 +281,7 @@ class CachedTokenSource:
             code=f"http_{exc.idp_status}" if answered else None,
             status=502 if answered else 503,
             retry_after=exc.retry_after,
+            vendor_detail=exc.vendor_detail,
         )
 
     def _failed(self, reason: str, exc: TokenError, *, cooldown: bool = False) -> TokenError:
