@@ -11,14 +11,18 @@ which the lean server hands over).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
+from urllib.parse import unquote_to_bytes
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.forward.headers import request_headers
-from proxy.forward.routing import check_remainder
+from proxy.forward.routing import DECODE_ROUNDS, check_remainder
 from proxy.problems import BadRequest
 from tests.conftest import Proxy, StartProxy
 from tests.helpers import Recorder, raw_exchange, raw_request, svc_config
@@ -317,3 +321,44 @@ async def test_lowercase_upstream_chunked_is_not_announced_to_a_1_0_client(
     assert head.startswith(b"HTTP/1.0 200 OK\r\n"), raw[:300]
     assert header_values(head.split(b"\r\n"), b"Transfer-Encoding") == []
     assert body == b"abc"  # close-delimited: the client reads it as sent
+
+
+# --- the fixed-point rule, as properties
+
+_ESCAPE_ALPHABET = "%25eEcCf0a.;/x\\"
+
+
+def _rounds(remainder: str, n: int) -> list[bytes]:
+    """The remainder and its first ``n`` percent-decodings, as an upstream might see them."""
+    data = remainder.encode()
+    out = [data]
+    for _ in range(n):
+        data = unquote_to_bytes(data)
+        out.append(data)
+    return out
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=_ESCAPE_ALPHABET, max_size=24))
+def test_what_passes_stays_inside_whatever_the_decoding_count(text: str) -> None:
+    try:
+        check_remainder("/" + text)
+    except BadRequest:
+        return
+    for data in _rounds("/" + text, DECODE_ROUNDS + 3):
+        assert b"\\" not in data and b"\x00" not in data, data
+        assert not re.search(rb"[\xc0\xc1][\x80-\xbf]", data), data
+        for segment in data.split(b"/"):
+            assert segment.split(b";", 1)[0] != b"..", data
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="%25abcx;/-", max_size=24))
+def test_what_settles_without_dots_or_high_bytes_passes(text: str) -> None:
+    """A path whose decodings hold no dot, backslash, NUL or non-ASCII byte and stop changing
+    within the allowed rounds is forwarded, however many literal % it keeps."""
+    rounds = _rounds("/" + text, DECODE_ROUNDS)
+    settles = rounds[-1] == unquote_to_bytes(rounds[-1])
+    harmless = not any(re.search(rb"[.\\\x00\x80-\xff]", r) for r in rounds)
+    assume(settles and harmless)
+    check_remainder("/" + text)
