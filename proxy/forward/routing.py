@@ -135,7 +135,8 @@ def upstream_url(origin: URL, base_path: str, remainder: str, query: str | None)
     """The upstream URL, nothing re-quoted: its ``raw_path_qs`` is the exact request target.
 
     yarl has no empty query, so the ``?`` of ``/x?`` ends the raw path instead, where
-    ``raw_path_qs`` (what the transport and aiohttp write in the request line) still sends it.
+    ``raw_path_qs`` (what the transport and aiohttp write in the request line) still sends it;
+    ``path`` and ``raw_path`` then end in it too, so the target is read from ``raw_path_qs``.
     """
     check_remainder(remainder)
     path = join_path(base_path, remainder)
