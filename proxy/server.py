@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from proxy.forward.headers import encode_head
 from proxy.problems import ProxyError, problem_body
 
 MAX_PIPELINED = 256 * 1024  # unserved bytes buffered before the socket stops being read
+MAX_METHOD = 64  # a method is judged by this many of its bytes before the head is whole
+_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (what may be one)
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -290,8 +293,12 @@ class FastProtocol(asyncio.Protocol):
         self._task.add_done_callback(self._served)
 
     def _unfinished_head_refused(self, buf: bytes) -> bool:
-        """Whether aiohttp would refuse this head before its end arrives: a bare LF, or a
-        line already over its limit. Waiting would only delay its answer."""
+        """Whether aiohttp would refuse this head before its end arrives: a bare LF, a line
+        already over its limit, or bytes that cannot begin a request line (a TLS hello on
+        the plain port). Waiting would only delay its answer."""
+        method = buf.split(b" ", 1)[0][:MAX_METHOD]
+        if _METHOD.fullmatch(method) is None:
+            return True
         lines = buf.count(b"\r\n")
         if buf.count(b"\n") != lines or lines > self._limits.max_headers + 1:
             return True

@@ -135,7 +135,30 @@ async def test_endless_head_is_refused_past_max_headers(
             got = await reader.read()
     finally:
         writer.close()
-    assert got.split(b" ", 2)[1] == b"400"  # aiohttp's own refusal speaks HTTP/1.0
+    assert got.split(b" ", 2)[1] == b"431"  # too many header fields
+    assert e.seen == []
+
+
+async def test_bytes_that_cannot_begin_a_request_are_refused_at_once(
+    echo: tuple[Echo, URL], start_proxy: StartProxy
+) -> None:
+    e, url = echo
+    proxy = await start_proxy(config(url))  # a 30 s header timeout: the answer must not wait
+    hello = bytes.fromhex("160301020001") + b"\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32
+    for start in (hello, b"GET", b"G\x00T /svc/a HTTP/1.1\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(start)  # never a whole head
+        try:
+            async with asyncio.timeout(10):
+                got = await reader.read() if start != b"GET" else b""
+                if start == b"GET":  # a method still arriving is waited for, not refused
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(QUIET):
+                            await reader.read(1)
+        finally:
+            writer.close()
+        if start != b"GET":
+            assert got.split(b" ", 2)[1] == b"400", start
     assert e.seen == []
 
 
