@@ -198,6 +198,17 @@ async def test_non_utf8_reason_phrase_is_relayed_byte_exact_by_the_lean_server(
     assert raw.split(b"\r\n", 1)[0] == b"HTTP/1.1 404 Introuvable \xe0 Paris"
 
 
+async def test_non_utf8_reason_phrase_gets_the_standard_one_under_aiohttp(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy
+) -> None:
+    rec, up = recorder
+    rec.response = b"HTTP/1.1 404 Introuvable \xe0 Paris\r\nContent-Length: 2\r\n\r\nno"
+    proxy = await start_proxy(svc_config(up))
+    raw = await send(proxy, "/svc/r", "aiohttp")
+    assert raw.split(b"\r\n", 1)[0] == b"HTTP/1.1 404 Not Found"
+    assert raw.endswith(b"\r\n\r\nno")
+
+
 # --- finding 8: Forwarded and X-Real-IP are believed only from a trusted proxy
 
 CLAIMS = (

@@ -145,7 +145,7 @@ class AiohttpDownstream:
         body: bytes,
         length: int | None,
     ) -> None:
-        out = self.response = _Coalesced(status=status, reason=reason, headers=headers)
+        out = self.response = _Coalesced(status=status, reason=_sendable(reason), headers=headers)
         if length is not None:
             out.content_length = length
         await out.prepare(self.request)
@@ -154,7 +154,8 @@ class AiohttpDownstream:
     async def start(
         self, status: int, reason: str | None, headers: CIMultiDict[str], length: int | None
     ) -> None:
-        out = self.response = web.StreamResponse(status=status, reason=reason, headers=headers)
+        out = web.StreamResponse(status=status, reason=_sendable(reason), headers=headers)
+        self.response = out
         if length is not None:
             out.content_length = length
         await out.prepare(self.request)
@@ -166,3 +167,16 @@ class AiohttpDownstream:
     async def finish(self) -> None:
         assert self.response is not None
         await self.response.write_eof()
+
+
+def _sendable(reason: str | None) -> str | None:
+    """aiohttp writes the head as strict UTF-8: a phrase holding raw non-UTF-8 bytes
+    (kept as surrogates) cannot go out as received, so it gets the standard phrase rather
+    than a failed response. The lean server writes any phrase back byte for byte."""
+    if reason is None or reason.isascii():
+        return reason
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return reason
