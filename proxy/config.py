@@ -51,6 +51,11 @@ class Model(BaseModel):
 
 def _check_url(value: str, *, what: str) -> str:
     url = URL(value)
+    if url.user is not None or url.password is not None:  # yarl drops them: never sent
+        raise ValueError(
+            f"{what} must not carry credentials (user:password@); "
+            "tokenrelay supplies the credentials itself"
+        )
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"{what} must be an absolute http(s) URL, got {value!r}")
     if url.fragment:
@@ -208,6 +213,12 @@ class Provider(Model):
         return repr(sorted(dumped.items()))
 
 
+_PCHAR = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@/"
+)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 class Route(Model):
     prefix: str
     upstream: str
@@ -225,11 +236,27 @@ class Route(Model):
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError("prefix must start with '/'")
+        odd = sorted({c for c in v if c not in _PCHAR and c not in "?#%"})
+        if odd:  # the request parser refuses them raw and matching does not decode them
+            raise ValueError(
+                f"prefix can never match: {', '.join(map(repr, odd))} not allowed; use "
+                "letters, digits, '/' and -._~!$&'()*+,;=:@ (RFC 3986 path characters)"
+            )
         if v.startswith(ADMIN_PREFIX) or v.rstrip("/") == "/-":
             raise ValueError(f"prefix must not be under the reserved admin prefix {ADMIN_PREFIX}")
         if any(c in v for c in "?#%\\") or "//" in v or "/../" in f"{v}/" or "/./" in f"{v}/":
             raise ValueError(
                 "prefix must be a plain path without '?', '#', '%', '\\\\' or dot segments"
+            )
+        return v
+
+    @field_validator("key_header")
+    @classmethod
+    def _key_header(cls, v: str) -> str:
+        if not _TOKEN.fullmatch(v):
+            raise ValueError(
+                f"{v!r} cannot be a header name (RFC 9110 token: letters, digits and "
+                "!#$%&'*+-.^_`|~, no spaces or ':')"
             )
         return v
 
@@ -267,6 +294,8 @@ class Client(Model):
     def _rate(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"\d+(\.\d+)?/(s|m|h)", v):
             raise ValueError("rate must look like 50/s, 600/m or 1000/h")
+        if v is not None and float(v.split("/")[0]) == 0:
+            raise ValueError("rate must be above 0 (0 would refuse every request); omit it")
         return v
 
     @model_validator(mode="after")
@@ -353,7 +382,17 @@ class Config(Model):
                     f"route {r.prefix} would send the {r.provider} token over plain HTTP to "
                     f"{URL(r.upstream).host}; use https or set allow_plain_http: true",
                 )
+        _check_clients(self.clients)
         return self
+
+
+def _check_clients(clients: list[Client]) -> None:
+    """Ids name clients in logs and metrics: two alike could not be told apart."""
+    ids: set[str] = set()
+    for i, c in enumerate(clients):
+        if c.id in ids:
+            raise _KeyedError(("clients", i, "id"), f"duplicate client id {c.id!r}")
+        ids.add(c.id)
 
 
 def _plain_remote(url: str) -> bool:
@@ -482,8 +521,22 @@ def _resolve_providers(
             raise ConfigError(
                 file, format_path(exc.loc), f"environment variable {exc.var} is not set"
             ) from None
+        _simacan_only(data, file, loc)
         resolved[str(name)] = apply_preset(data, file, loc) | {"name": str(name)}
     return resolved, inactive
+
+
+def _simacan_only(data: dict[str, Any], file: str, loc: tuple[str | int, ...]) -> None:
+    """Only the Simacan preset reads these; elsewhere they would be silently dropped."""
+    if data.get("preset") == "simacan":
+        return
+    for key in ("auth_base", "environment"):
+        if key in data:
+            raise ConfigError(
+                file,
+                format_path((*loc, key)),
+                f"{key} applies only with preset: simacan; set token_url instead",
+            )
 
 
 def _unset_vars(node: Any, env: Mapping[str, str]) -> list[str]:
@@ -509,7 +562,7 @@ def parse_config(
     env = os.environ if env is None else env
     base = base or Path(".")
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text, file)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -542,6 +595,38 @@ def parse_config(
         extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(file, format_path(loc), msg + extra) from None
     return Loaded(config=config, path=file, inactive_providers=inactive)
+
+
+def _load_yaml(text: str, file: str) -> Any:
+    """``yaml.safe_load``, but a key given twice is an error, not a silent last-one-wins."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _no_duplicate_keys(node, (), file)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _no_duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...], file: str) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _no_duplicate_keys(item, (*loc, i), file)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: set[tuple[str, str]] = set()
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            if (key.tag, key.value) in seen:
+                line = key.start_mark.line + 1
+                raise ConfigError(
+                    file, format_path((*loc, key.value)), f"duplicate key (again on line {line})"
+                )
+            seen.add((key.tag, key.value))
+        name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+        _no_duplicate_keys(value, (*loc, name), file)
 
 
 def _validate(data: dict[str, Any], inactive: Mapping[str, list[str]]) -> Config:

@@ -362,3 +362,137 @@ async def test_sighup_and_admin_reload_are_logged_and_counted_alike(
     rest = (await proc.stderr.read()).decode()
     assert await proc.wait() == 0
     assert "Traceback" not in rest and "never retrieved" not in rest
+
+
+# -- #10: values that can never work are refused, each at its key path -----------------------
+
+
+def test_credentials_in_an_upstream_are_refused_and_never_printed(tmp_path: Path) -> None:
+    text = "routes:\n  - {prefix: /a/, upstream: 'http://user:pa55word@127.0.0.1:9/base'}\n"
+    err = refused(text)
+    assert err.path == "routes[0].upstream" and "must not carry credentials" in err.problem
+    assert "pa55word" not in str(err)
+    cfg = tmp_path / "routes.yaml"
+    cfg.write_text(text.replace("http:", "ftp:"))  # a second problem must not print it either
+    out = run_cli("check", "--config", str(cfg))
+    assert out.returncode == 2 and "pa55word" not in out.stderr + out.stdout
+
+
+def test_credentials_in_a_token_url_are_refused() -> None:
+    err = refused(
+        "providers:\n  p: {grant: client_credentials, client_id: i, client_secret: s, "
+        "token_url: 'https://id:s3cret@idp.example/token'}\n"
+    )
+    assert err.path == "providers.p.token_url" and "s3cret" not in str(err)
+
+
+def route_with(field: str, value: str) -> str:
+    return (
+        "providers:\n  st: {grant: static, token: T}\n"
+        f"routes:\n  - {{prefix: /a/, upstream: 'http://127.0.0.1:9/', provider: st, "
+        f"{field}: {json.dumps(value)}}}\n"
+    )
+
+
+@pytest.mark.parametrize("prefix", ["/a b/", "/é/", '/a"b/', "/a<b>/", "/a^/", "/a\\b/", "/a|b/"])
+def test_prefix_outside_rfc3986_path_characters_is_refused(prefix: str) -> None:
+    err = refused(
+        f"routes:\n  - {{prefix: {json.dumps(prefix)}, upstream: 'http://127.0.0.1:9/'}}\n"
+    )
+    assert err.path == "routes[0].prefix" and "can never match" in err.problem
+
+
+def test_prefix_with_every_path_character_is_accepted() -> None:
+    prefix = "/Az09-._~!$&'()*+,;=:@/"
+    text = f"routes:\n  - {{prefix: {json.dumps(prefix)}, upstream: 'http://127.0.0.1:9/'}}\n"
+    assert parse_config(text, env={}).config.routes[0].prefix == prefix
+
+
+@pytest.mark.parametrize("name", ["bad header:", "X Api", "", "X-Key\u00e9", "X(Key)"])
+def test_key_header_that_is_not_a_token_is_refused(name: str) -> None:
+    err = refused(route_with("key_header", name))
+    assert err.path == "routes[0].key_header" and "cannot be a header name" in err.problem
+
+
+@pytest.mark.parametrize("name", ["X-Api-Key", "x_key", "Key!#$%&'*+.^`|~"])
+def test_key_header_tokens_are_accepted(name: str) -> None:
+    assert parse_config(route_with("key_header", name), env={}).config.routes[0].key_header == name
+
+
+@pytest.mark.parametrize("rate", ["0/s", "0.0/m", "00/h"])
+def test_zero_rate_is_refused(rate: str) -> None:
+    err = refused(f"clients:\n  - {{id: x, key: k, rate: {rate}}}\n{ROUTE}")
+    assert err.path == "clients[0].rate" and "above 0" in err.problem
+
+
+def test_small_rates_are_accepted() -> None:
+    text = f"clients:\n  - {{id: x, key: k, rate: 0.5/s}}\n{ROUTE}"
+    assert parse_config(text, env={}).config.clients[0].rate == "0.5/s"
+
+
+def test_duplicate_client_id_is_refused() -> None:
+    err = refused(
+        f"clients:\n  - {{id: x, key: k1}}\n  - {{id: y, key: k2}}\n  - {{id: x, key: k3}}\n{ROUTE}"
+    )
+    assert err.path == "clients[2].id" and "duplicate client id 'x'" in err.problem
+    assert "k3" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("provider", "key"),
+    [
+        (
+            "{preset: simpledocs, auth_base: 'http://127.0.0.1:1/x', client_id: a, "
+            "client_secret: b}",
+            "auth_base",
+        ),
+        ("{preset: simplifi, environment: staging, client_id: a, client_secret: b}", "environment"),
+        ("{grant: static, token: t, environment: production}", "environment"),
+    ],
+)
+def test_simacan_keys_elsewhere_are_refused(provider: str, key: str) -> None:
+    err = refused(f"providers:\n  sd: {provider}\n")
+    assert err.path == f"providers.sd.{key}" and "only with preset: simacan" in err.problem
+
+
+def test_simacan_keeps_its_keys() -> None:
+    p = parse_config(
+        "providers:\n  s: {preset: simacan, environment: staging, "
+        "auth_base: 'http://127.0.0.1:1/api', username: u, password: p}\n",
+        env={},
+    ).config.providers["s"]
+    assert p.token_url == "http://127.0.0.1:1/api/auth/password"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "line"),
+    [
+        (
+            "providers:\n  a: {grant: static, token: T1}\n  a: {grant: static, token: T2}\n",
+            "providers.a",
+            3,
+        ),
+        (f"{ROUTE}{ROUTE}", "routes", 3),
+        (
+            "routes:\n  - prefix: /a/\n    upstream: 'http://127.0.0.1:9/'\n    prefix: /b/\n",
+            "routes[0].prefix",
+            4,
+        ),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(text: str, path: str, line: int) -> None:
+    err = refused(text)
+    assert err.path == path and f"duplicate key (again on line {line})" in err.problem
+    assert "T2" not in str(err)
+
+
+def test_yaml_merge_keys_still_work() -> None:
+    text = (
+        "routes:\n  - &r {prefix: /a/, upstream: 'http://127.0.0.1:9/'}\n"
+        "  - {<<: *r, prefix: /b/}\n"
+    )
+    routes = parse_config(text, env={}).config.routes
+    assert [(r.prefix, r.upstream) for r in routes] == [
+        ("/a/", "http://127.0.0.1:9/"),
+        ("/b/", "http://127.0.0.1:9/"),
+    ]
