@@ -38,6 +38,7 @@ from proxy.observability import Observer, request_id_from
 from proxy.problems import (
     BadRequest,
     ConfigError,
+    ExpectationFailed,
     NotFound,
     ProxyError,
     ServiceUnavailable,
@@ -116,7 +117,12 @@ class Runtime:
         else:
             registry = previous.rebuild(providers)
         routes = [(r.prefix, _route_runtime(r, loaded, registry)) for r in loaded.config.routes]
-        access = ClientAccess(loaded.config.clients, clock=self.clock)
+        current = self.generation  # still the running one while a reload builds
+        access = ClientAccess(
+            loaded.config.clients,
+            clock=self.clock,
+            previous=current.access if current is not None else None,
+        )
         return Generation(loaded, RouteTable(routes), registry, access)
 
     async def reload(self) -> Generation:
@@ -327,7 +333,7 @@ async def _expect(request: web.BaseRequest, expect: str) -> None:
     if request.version != aiohttp.HttpVersion11:
         return
     if expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:100]}")
+        raise ExpectationFailed("the only expectation supported is 100-continue")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the interim response is not part of the body count
 
@@ -387,13 +393,13 @@ def create_admin_app(main: web.Application) -> web.Application:
 def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         headers = request.headers
-        expect = headers.get("Expect")
-        if expect is not None:  # before anything else, as aiohttp's router does
-            await _expect(request, expect)
         rid = request_id_from(headers.get("X-Request-Id"))
         ex = Exchange(rid, request.method, "", _peer(request), time.perf_counter())
         rt.observer.metrics.in_flight_now += 1
         try:
+            expect = headers.get("Expect")
+            if expect is not None:  # before anything else, as aiohttp's router does
+                await _expect(request, expect)
             validate_request(request.raw_headers, method=request.method, version=request.version)
             target = Target.parse(request.raw_path)
             ex.path = target.path
@@ -622,6 +628,7 @@ async def start_runner(
         limits=limits,
         reuse_port=reuse_port,
         dispatch=app.get(DISPATCH),
+        observer=app[RUNTIME].observer if RUNTIME in app else None,
     )
     try:
         await site.start()

@@ -176,6 +176,8 @@ async def _probe_token(config: Config, provider: str) -> int:
         except TokenError as err:
             code = f" ({err.code})" if err.code else ""
             print(f"tokenrelay: {provider}: {err.detail}{code}", file=sys.stderr)
+            if err.vendor_detail:  # scrubbed of every secret form; the operator's to read
+                print(f"tokenrelay: {provider}: the IdP said: {err.vendor_detail}", file=sys.stderr)
             return 1
     left = token.expires_at - system_clock()
     print(f"provider:   {provider}")

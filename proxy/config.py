@@ -382,17 +382,25 @@ class Config(Model):
                     f"route {r.prefix} would send the {r.provider} token over plain HTTP to "
                     f"{URL(r.upstream).host}; use https or set allow_plain_http: true",
                 )
-        _check_clients(self.clients)
+        _check_clients(self.clients, seen)
         return self
 
 
-def _check_clients(clients: list[Client]) -> None:
-    """Ids name clients in logs and metrics: two alike could not be told apart."""
+def _check_clients(clients: list[Client], prefixes: set[str]) -> None:
+    """Ids name clients in logs and metrics: two alike could not be told apart. A route
+    entry that matches no route grants nothing (``ClientAccess``'s rule: at a segment
+    boundary, and ``/`` is every route)."""
     ids: set[str] = set()
     for i, c in enumerate(clients):
         if c.id in ids:
             raise _KeyedError(("clients", i, "id"), f"duplicate client id {c.id!r}")
         ids.add(c.id)
+        for j, p in enumerate(c.routes):
+            want = p.rstrip("/") or "/"
+            if want != "/" and not any(r == want or r.startswith(want + "/") for r in prefixes):
+                raise _KeyedError(
+                    ("clients", i, "routes", j), f"no route has prefix {p!r} or one under it"
+                )
 
 
 def _plain_remote(url: str) -> bool:

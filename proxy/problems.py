@@ -87,6 +87,12 @@ class TooManyRequests(ProxyError):
     title = "Too many requests"
 
 
+class ExpectationFailed(ProxyError):
+    status = 417
+    slug = "expectation-failed"
+    title = "Expectation not supported"
+
+
 class TokenError(ProxyError):
     """No token could be had; ``code`` is the provider's error code when it sent one.
 

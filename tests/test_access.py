@@ -30,7 +30,7 @@ class FakeClock:
         return self.now
 
 
-def clients_yaml(key_file: Path) -> str:
+def clients_yaml(key_file: Path, up: str = "http://127.0.0.1:9") -> str:
     digest = hashlib.sha256(KEY_A.encode()).hexdigest()
     return f"""
 clients:
@@ -44,6 +44,13 @@ clients:
   - id: gamma
     key_file: {key_file}
     routes: [/svc/reports]
+routes:
+  - prefix: /svc/
+    upstream: {up}/base/
+  - prefix: /svc/reports/
+    upstream: {up}/reports/
+  - prefix: /other/
+    upstream: {up}/o/
 """
 
 
@@ -150,22 +157,11 @@ def test_no_key_in_repr(tmp_path: Path) -> None:
 
 
 async def test_end_to_end(echo: tuple[Echo, URL], start_proxy: StartProxy, tmp_path: Path) -> None:
-    """Needs ClientAccess wired into app.py (see the report)."""
     e, up = echo
     key_file = tmp_path / "gamma.key"
     key_file.write_text(KEY_C)
     clock = FakeClock()
-    config = (
-        clients_yaml(key_file)
-        + f"""
-routes:
-  - prefix: /svc/
-    upstream: {up}/base/
-  - prefix: /other/
-    upstream: {up}/o/
-"""
-    )
-    proxy = await start_proxy(config, clock=clock)
+    proxy = await start_proxy(clients_yaml(key_file, str(up)), clock=clock)
     async with aiohttp.ClientSession() as client:
 
         async def call(path: str, key: str | None) -> tuple[int, dict[str, object], str]:
@@ -182,10 +178,17 @@ routes:
         assert (await call("/svc/b", KEY_A))[0] == 200
         status, body, retry = await call("/svc/c", KEY_A)
         assert (status, retry) == (429, "1")
-        clock.now += 1
-        assert (await call("/svc/d", KEY_A))[0] == 200
+        clock.now += 1  # two more at 2/s: both spent
+        assert [(await call(p, KEY_A))[0] for p in ("/svc/d", "/svc/e")] == [200, 200]
+
+        async def same_config() -> object:
+            return parse_config(clients_yaml(key_file, str(up)), "t.yaml", {}, tmp_path)
+
+        proxy.runtime.reloader = same_config  # type: ignore[assignment]
+        await proxy.runtime.reload()
+        assert (await call("/svc/f", KEY_A))[0] == 429  # a reload hands out no fresh burst
         assert (await call("/other/x", KEY_B))[0] == 200
-    assert [s.raw_path for s in e.seen] == ["/base/a", "/base/b", "/base/d", "/o/x"]
+    assert [s.raw_path for s in e.seen] == ["/base/a", "/base/b", "/base/d", "/base/e", "/o/x"]
     assert all(s.header(HDR) is None for s in e.seen)  # the key stays at the proxy
     logs = proxy.log_text()
     assert '"client_id":"alpha"' in logs and '"client_id":"beta"' in logs

@@ -430,6 +430,16 @@ def test_small_rates_are_accepted() -> None:
     assert parse_config(text, env={}).config.clients[0].rate == "0.5/s"
 
 
+@pytest.mark.parametrize("entry", ["/nonexistent/", "/a/b", "/", "/a"])
+def test_client_routes_must_name_a_route(entry: str) -> None:
+    text = f"clients:\n  - {{id: x, key: k, routes: [/a/, {entry}]}}\n{ROUTE}"
+    if entry in ("/", "/a"):  # every route; the route /a/ itself
+        assert parse_config(text, env={}).config.clients[0].routes[1] == entry
+        return
+    err = refused(text)
+    assert err.path == "clients[0].routes[1]" and "no route has prefix" in err.problem
+
+
 def test_duplicate_client_id_is_refused() -> None:
     err = refused(
         f"clients:\n  - {{id: x, key: k1}}\n  - {{id: y, key: k2}}\n  - {{id: x, key: k3}}\n{ROUTE}"

@@ -29,12 +29,6 @@ from tests.helpers import LogStream, OwnProxy, Recorder, own_proxy
 
 WAIT = 5.0
 SECRET = "Bearer SECRET-tok-3f9a"
-WIRED = pytest.mark.xfail(
-    strict=True, reason="needs proxy/app.py to pass observer= to GuardedSite (see report)"
-)
-EXPECT_FIXED = pytest.mark.xfail(
-    strict=True, reason="needs the Expect change in proxy/app.py _handler (see report)"
-)
 
 
 @dataclass
@@ -221,7 +215,6 @@ async def access_lines(logs: LogStream, request_id: str) -> list[dict[str, Any]]
             await logs.written.wait()
 
 
-@WIRED
 @pytest.mark.parametrize(
     "name", ["request line too long", "too many headers", "duplicate Content-Length"]
 )
@@ -237,7 +230,6 @@ async def test_refusal_makes_one_access_line(name: str, proxy: tuple[OwnProxy, R
     assert line["route"] == ""
 
 
-@EXPECT_FIXED
 async def test_unknown_expectation_is_a_417_problem_with_an_access_line(
     proxy: tuple[OwnProxy, Recorder],
 ) -> None:

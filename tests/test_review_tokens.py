@@ -208,6 +208,7 @@ async def test_vendor_text_echoing_secrets_reaches_no_client_page_log_or_cli(
     if mode == "json":
         assert problem["provider_error"] == "invalid_request"
     assert "rejected" not in answer  # the vendor's own words stay out of the client's answer
+    assert "the IdP said: " in cli.err  # ...and reach the operator, scrubbed (checked below)
     for text, where in [
         (answer, "the client's answer"),
         (tokens, "/-/tokens"),
