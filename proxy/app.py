@@ -38,6 +38,7 @@ from proxy.observability import Observer, request_id_from
 from proxy.problems import (
     BadRequest,
     ConfigError,
+    ConfigInvalid,
     ExpectationFailed,
     NotFound,
     ProxyError,
@@ -144,17 +145,6 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
-
-
-class ConfigInvalid(ProxyError):
-    """A reload refused: the admin caller learns the file, key path and problem."""
-
-    status = 422
-    slug = "config-invalid"
-    title = "Configuration invalid; the running configuration is unchanged"
-
-    def __init__(self, err: ConfigError) -> None:
-        super().__init__(err.problem, extra={"file": err.file, "key_path": err.path})
 
 
 async def reload_and_report(rt: Runtime) -> Generation:

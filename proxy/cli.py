@@ -20,7 +20,6 @@ from pydantic import ValidationError
 from proxy import __version__
 from proxy.app import (
     RUNTIME,
-    ConfigInvalid,
     RegistryFactory,
     create_admin_app,
     create_app,
@@ -30,7 +29,7 @@ from proxy.app import (
 )
 from proxy.config import Config, Listen, Loaded, load_config
 from proxy.observability import Observer, configure_logging
-from proxy.problems import ConfigError, TokenError
+from proxy.problems import ConfigError, ConfigInvalid, TokenError
 from proxy.tokens.registry import TokenRegistry
 from proxy.tokens.source import system_clock
 

@@ -38,20 +38,14 @@ from proxy.config import Limits
 from proxy.forward.exchange import Exchange
 from proxy.forward.framing import FramingError
 from proxy.observability import Observer, request_id_from
-from proxy.problems import BadRequest, ProxyError, problem_response
+from proxy.problems import (
+    BadRequest,
+    HeadersTooLarge,
+    ProxyError,
+    RequestLineTooLong,
+    problem_response,
+)
 from proxy.server import Dispatch, FastProtocol
-
-
-class RequestLineTooLong(ProxyError):
-    status = 414
-    slug = "request-line-too-long"
-    title = "Request line too long"
-
-
-class HeadersTooLarge(ProxyError):
-    status = 431
-    slug = "headers-too-large"
-    title = "Request header fields too large"
 
 
 class GuardedHandler(RequestHandler):

@@ -87,6 +87,18 @@ class TooManyRequests(ProxyError):
     title = "Too many requests"
 
 
+class RequestLineTooLong(ProxyError):
+    status = 414
+    slug = "request-line-too-long"
+    title = "Request line too long"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    slug = "headers-too-large"
+    title = "Request header fields too large"
+
+
 class ExpectationFailed(ProxyError):
     status = 417
     slug = "expectation-failed"
@@ -173,3 +185,14 @@ def problem_response(err: ProxyError, request_id: str, instance: str | None = No
     )
     resp.headers["X-Request-Id"] = request_id
     return resp
+
+
+class ConfigInvalid(ProxyError):
+    """A reload refused: the admin caller learns the file, key path and problem."""
+
+    status = 422
+    slug = "config-invalid"
+    title = "Configuration invalid; the running configuration is unchanged"
+
+    def __init__(self, err: ConfigError) -> None:
+        super().__init__(err.problem, extra={"file": err.file, "key_path": err.path})

@@ -86,10 +86,11 @@ class Supervisor:
 
     async def _reload_for(self, request: web.Request) -> web.Response:
         """A worker's admin /-/reload: everyone but that worker (it reloads itself) follows."""
-        problem = await self.reload(exclude=int((await request.json())["pid"]))
+        refused = await self.reload(exclude=int((await request.json())["pid"]))
+        problem = None if refused is None else [refused.file, refused.path, refused.problem]
         return web.json_response({"problem": problem})
 
-    async def reload(self, exclude: int | None = None) -> str | None:
+    async def reload(self, exclude: int | None = None) -> ConfigError | None:
         """Rebuild the registry (unchanged providers keep their tokens), then SIGHUP workers."""
         async with self._reload_lock:
             listen = self.loaded.config.listen
@@ -97,7 +98,7 @@ class Supervisor:
                 loaded = await asyncio.to_thread(_load_for_run, self.path, listen.host, listen.port)
             except ConfigError as err:
                 log.error("reload failed, config unchanged", file=err.file, key_path=err.path)
-                return str(err)
+                return err
             self.loaded, self.registry = loaded, self.registry.rebuild(loaded.config.providers)
             for proc in self.procs.values():
                 if proc.returncode is None and proc.pid != exclude:
@@ -366,8 +367,9 @@ async def _reload_via_parent(args: argparse.Namespace, client: BrokerClient) -> 
     if _FROM_PARENT.get():
         return await asyncio.to_thread(_worker_load, args)
     answer = await client.call("/reload", {"pid": os.getpid()})
-    if answer["problem"] is not None:
-        raise ConfigError(args.config, "", answer["problem"])
+    if answer["problem"] is not None:  # the parent's refusal, file and key path kept apart
+        file, path, problem = answer["problem"]
+        raise ConfigError(file, path, problem)
     return await asyncio.to_thread(_worker_load, args)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -28,9 +28,8 @@ from proxy.tokens.grants import TransientTokenError, make_grant
 from tests.conftest import Proxy, StartProxy
 from tests.helpers import provider_json
 from tests.vendors import Events, FakeClock, PasswordIdP, Simacan, Simplifi, Sipsim, Vendor, serve
-from tests.vendors.base import oauth_error
+from tests.vendors.base import Handler, oauth_error
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
 MODES = ("json", "text", "5xx")
 
 
@@ -71,49 +70,35 @@ async def echo_failure(
     return web.Response(status=400 if mode == "text" else 500, text=said)
 
 
-class EchoingSimacan(Simacan):
+class Echoes(Vendor):
+    """Once ``echo`` is set, every token endpoint fails repeating what it was sent."""
+
     echo: str | None = None
     piece: str | None = None
 
-    async def _password(self, request: web.Request) -> web.Response:
-        if self.echo:
-            return await echo_failure(self, request, self.echo, self.piece)
-        return await super()._password(request)
+    def _token_endpoint(self, name: str, handler: Handler) -> Handler:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            if self.echo:
+                return await echo_failure(self, request, self.echo, self.piece)
+            return await handler(request)
 
-    async def _refresh(self, request: web.Request) -> web.Response:
-        if self.echo:
-            return await echo_failure(self, request, self.echo, self.piece)
-        return await super()._refresh(request)
+        return super()._token_endpoint(name, answer)
 
 
-class EchoingSimplifi(Simplifi):
-    echo: str | None = None
-    piece: str | None = None
-
-    async def _token(self, request: web.Request) -> web.Response:
-        if self.echo:
-            return await echo_failure(self, request, self.echo, self.piece)
-        return await super()._token(request)
+class EchoingSimacan(Echoes, Simacan):
+    pass
 
 
-class EchoingSipsim(Sipsim):
-    echo: str | None = None
-    piece: str | None = None
-
-    async def _token(self, request: web.Request) -> web.Response:
-        if self.echo:
-            return await echo_failure(self, request, self.echo, self.piece)
-        return await super()._token(request)
+class EchoingSimplifi(Echoes, Simplifi):
+    pass
 
 
-class EchoingIdP(PasswordIdP):
-    echo: str | None = None
-    piece: str | None = None
+class EchoingSipsim(Echoes, Sipsim):
+    pass
 
-    async def _token(self, request: web.Request) -> web.Response:
-        if self.echo:
-            return await echo_failure(self, request, self.echo, self.piece)
-        return await super()._token(request)
+
+class EchoingIdP(Echoes, PasswordIdP):
+    pass
 
 
 Echoing = EchoingSimacan | EchoingSimplifi | EchoingSipsim | EchoingIdP

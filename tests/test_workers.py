@@ -199,6 +199,12 @@ async def test_sighup_or_admin_reload_reloads_parent_and_workers_keeping_the_tok
             assert resp.status == 200  # one worker answered: the parent and the others follow
         await cluster.count("reloaded", 7)  # parent, the two others; the caller answered above
         assert set(await fire(cluster.url / "u" / "api" / "x", 60)) == {1}
+        (tmp_path / "routes.yaml").write_text(config(vendor, "no-slash/"))
+        async with session.post(cluster.admin / "-" / "reload") as resp:
+            assert resp.status == 422  # the parent refused it: its file and key path come back
+            problem = await resp.json()
+        assert problem["file"].endswith("routes.yaml") and problem["key_path"].startswith("routes")
+        assert set(await fire(cluster.url / "u" / "api" / "x", 20)) == {1}  # nothing changed
     assert vendor.calls["token"] == 1
 
 
