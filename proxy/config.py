@@ -170,7 +170,7 @@ class Provider(Model):
     refresh_url: str | None = None
     client_id: str | None = None
     client_secret: Secret | None = None
-    client_auth: Literal["basic", "body"] = "basic"
+    client_auth: Literal["basic", "basic_raw", "body"] = "basic"
     username: str | None = None
     password: Secret | None = None
     scope: str | None = None
@@ -202,6 +202,8 @@ class Provider(Model):
         missing = [k for k in need[self.grant] if getattr(self, k) is None]
         if missing:
             raise ValueError(f"grant {self.grant} needs {', '.join(missing)}")
+        if self.client_auth == "basic_raw" and ":" in (self.client_id or ""):
+            raise ValueError("client_auth basic_raw cannot send a client_id holding ':'")
         return self
 
     def settings_key(self) -> str:

@@ -19,10 +19,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Simacan: form POST of exactly username+password, refresh with exactly
     # refresh_token; each refresh rotates the refresh token.
     "simacan": {"grant": "simacan"},
-    # Simplifi: client credentials, id/secret by HTTP Basic, 1 h tokens.
+    # Simplifi: client credentials, id/secret by HTTP Basic as its own example sends them
+    # (requests' auth=(id, secret): not form-encoded first), 1 h tokens.
     "simplifi": {
         "grant": "client_credentials",
-        "client_auth": "basic",
+        "client_auth": "basic_raw",
         "token_url": "https://dev.simplifi.work/oauth/token",
         "default_lifetime": 3600,
     },

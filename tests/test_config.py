@@ -60,7 +60,7 @@ def test_presets_fill_and_explicit_keys_win() -> None:
     )
     assert cfg["prod"].grant == "simacan"
     assert (cfg["docs"].client_auth, cfg["docs"].scope) == ("body", "read")
-    assert cfg["simplifi"].client_auth == "basic"
+    assert cfg["simplifi"].client_auth == "basic_raw"
     assert cfg["simplifi"].token_url == "https://sandbox.example/oauth/token"
 
 

@@ -465,6 +465,11 @@ def test_simacan_keys_elsewhere_are_refused(provider: str, key: str) -> None:
     assert err.path == f"providers.sd.{key}" and "only with preset: simacan" in err.problem
 
 
+def test_basic_raw_cannot_send_a_client_id_with_a_colon() -> None:
+    err = refused("providers:\n  s: {preset: simplifi, client_id: 'a:b', client_secret: c}\n")
+    assert err.path.startswith("providers.s") and "basic_raw" in err.problem
+
+
 def test_simacan_keeps_its_keys() -> None:
     p = parse_config(
         "providers:\n  s: {preset: simacan, environment: staging, "

@@ -9,11 +9,13 @@ import base64
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote_plus
 
 import aiohttp
 import jwt
 import pytest
 
+from proxy.problems import TokenError
 from proxy.tokens.grants import make_grant
 from tests.vendors import Events, FakeClock, Simacan, SimpleDocs, Simplifi, Sipsim, serve
 
@@ -109,10 +111,8 @@ async def test_simacan_grant_sends_exactly_the_documented_forms(
 
 
 def _basic(client_id: str, secret: str) -> str:
-    from urllib.parse import quote_plus
-
-    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
-    return "Basic " + base64.b64encode(pair.encode()).decode()
+    """What Simplifi's own example sends: requests' ``auth=(id, secret)``, parts as they are."""
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
 
 
 async def test_simplifi_accepts_basic_only(session: aiohttp.ClientSession) -> None:
@@ -133,7 +133,7 @@ async def test_simplifi_accepts_basic_only(session: aiohttp.ClientSession) -> No
         assert {"refresh_token", "scope", "token_type"} <= set(body)
 
 
-async def test_simplifi_grant_sends_basic_with_form_encoded_parts(
+async def test_simplifi_grant_sends_basic_as_its_example_does(
     session: aiohttp.ClientSession,
 ) -> None:
     clock = FakeClock()
@@ -142,7 +142,16 @@ async def test_simplifi_grant_sends_basic_with_form_encoded_parts(
         rec = v.requests[-1]
         assert rec.fields() == {"grant_type": "client_credentials"}
         assert rec.headers["Authorization"] == _basic(v.client_id, v.client_secret)
-        assert "%2F" in base64.b64decode(rec.headers["Authorization"][6:]).decode()
+        assert "+/%" in base64.b64decode(rec.headers["Authorization"][6:]).decode()
+
+
+async def test_basic_client_auth_form_encodes_each_part(session: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    async with serve(Simplifi(clock=clock)) as v:
+        with pytest.raises(TokenError):  # Simplifi takes its credentials as they are
+            await make_grant(v.provider(client_auth="basic"), session, clock=clock).fetch(None)
+        sent = base64.b64decode(v.requests[-1].headers["Authorization"][6:]).decode()
+    assert sent == f"{quote_plus(v.client_id, safe='')}:{quote_plus(v.client_secret, safe='')}"
 
 
 # -- SimpleDocs -------------------------------------------------------------------

@@ -205,7 +205,8 @@ class _HttpGrant:
             self._on_event(event, {"provider": self.provider.name, **fields})
 
     def _client_auth(self, form: dict[str, str], headers: dict[str, str]) -> None:
-        """Add client credentials as RFC 6749 §2.3.1 says: Basic (each part encoded) or body."""
+        """Add client credentials: Basic with each part form-encoded as RFC 6749 §2.3.1 says,
+        Basic as they are (what a vendor's own ``requests`` example sends), or the body."""
         p = self.provider
         if p.client_id is None or p.client_secret is None:
             return
@@ -214,7 +215,10 @@ class _HttpGrant:
             form["client_id"] = p.client_id
             form["client_secret"] = secret
             return
-        pair = f"{quote_plus(p.client_id, safe='')}:{quote_plus(secret, safe='')}"
+        if p.client_auth == "basic_raw":
+            pair = f"{p.client_id}:{secret}"
+        else:
+            pair = f"{quote_plus(p.client_id, safe='')}:{quote_plus(secret, safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
     def _oauth_extras(self, form: dict[str, str]) -> None:

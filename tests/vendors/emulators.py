@@ -23,8 +23,9 @@ def _last(vendor: Vendor) -> Recorded:
     return vendor.requests[-1]
 
 
-def _basic(rec: Recorded) -> tuple[str, str] | None:
-    """Client id and secret from HTTP Basic, each form-decoded (RFC 6749 §2.3.1)."""
+def _basic(rec: Recorded, *, form_encoded: bool = True) -> tuple[str, str] | None:
+    """Client id and secret from HTTP Basic, each form-decoded (RFC 6749 §2.3.1) or, for a
+    vendor whose example sends them as they are, taken as they are."""
     scheme, _, b64 = rec.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "basic":
         return None
@@ -33,7 +34,9 @@ def _basic(rec: Recorded) -> tuple[str, str] | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     user, sep, password = pair.partition(":")
-    return (unquote_plus(user), unquote_plus(password)) if sep else None
+    if not sep:
+        return None
+    return (unquote_plus(user), unquote_plus(password)) if form_encoded else (user, password)
 
 
 class Simacan(Vendor):
@@ -166,7 +169,7 @@ class Simplifi(_ClientCredentialsVendor):
         rec = _last(self)
         if rec.fields().get("grant_type") != "client_credentials":
             return oauth_error(400, "unsupported_grant_type", "only client_credentials")
-        if _basic(rec) != (self.client_id, self.client_secret):
+        if _basic(rec, form_encoded=False) != (self.client_id, self.client_secret):
             return oauth_error(401, "invalid_client", "Client authentication failed")
         access = self.issue("read")
         body = {
