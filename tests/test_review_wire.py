@@ -134,6 +134,7 @@ def test_fixed_points_and_lone_lead_bytes_pass(remainder: str) -> None:
         ("/%2525252525", "percent-encoded too many times"),
         ("/%25c0%25ae%25c0%25ae", "overlong UTF-8"),
         ("/%25u002e", "%u escape"),
+        ("/%%552222", "%u escape"),  # %55 is U: an IIS %U2222 appears once decoded
         ("/%2500", "NUL"),
         ("/%255c", "backslash"),
         ("/%252e%252e;x/y", "dot segment"),
@@ -366,10 +367,12 @@ def test_what_passes_stays_inside_whatever_the_decoding_count(text: str) -> None
 @settings(max_examples=3000, deadline=None)
 @given(st.text(alphabet="%25abcx;/-", max_size=24))
 def test_what_settles_without_dots_or_high_bytes_passes(text: str) -> None:
-    """A path whose decodings hold no dot, backslash, NUL or non-ASCII byte and stop changing
-    within the allowed rounds is forwarded, however many literal % it keeps."""
+    """A path whose decodings hold no dot, backslash, NUL, non-ASCII byte or IIS-style %u
+    escape and stop changing within the allowed rounds is forwarded, however many literal %
+    it keeps."""
     rounds = _rounds("/" + text, DECODE_ROUNDS)
     settles = rounds[-1] == unquote_to_bytes(rounds[-1])
-    harmless = not any(re.search(rb"[.\\\x00\x80-\xff]", r) for r in rounds)
+    hazard = rb"[.\\\x00\x80-\xff]|%[uU][0-9a-fA-F]{4}"
+    harmless = not any(re.search(hazard, r) for r in rounds)
     assume(settles and harmless)
     check_remainder("/" + text)
