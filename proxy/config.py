@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pydantic import (
 )
 from yarl import URL
 
+from proxy.forward.spool import unsafe_dir
 from proxy.problems import ConfigError
 from proxy.tls import TLSFileError, check_files
 
@@ -339,16 +339,11 @@ def _spool_dir(v: Path | None) -> Path | None:
     if existing != v:
         return v
     try:
-        st = v.stat()
+        problem = unsafe_dir(v.stat())
     except OSError as exc:
         raise ValueError(f"{v} is unusable: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{v} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise ValueError(f"{v} must be owned by the proxy's user (uid {os.geteuid()})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        mode = oct(stat.S_IMODE(st.st_mode))
-        raise ValueError(f"{v} must not be group or world writable (mode {mode})")
+    if problem is not None:
+        raise ValueError(f"{v} {problem}")
     return v
 
 

@@ -64,16 +64,22 @@ def _check_base(configured: Path | None) -> Path:
         st = base.stat()
     except OSError as exc:
         raise ConfigError(str(configured), "", f"spool_dir unusable: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(str(configured), "", "spool_dir is not a directory")
-    if st.st_uid != os.geteuid():
-        raise ConfigError(str(configured), "", "spool_dir must be owned by the proxy's user")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        mode = oct(stat.S_IMODE(st.st_mode))
-        raise ConfigError(
-            str(configured), "", f"spool_dir must not be group or world writable (mode {mode})"
-        )
+    problem = unsafe_dir(st)
+    if problem is not None:
+        raise ConfigError(str(configured), "", f"spool_dir {problem}")
     return base
+
+
+def unsafe_dir(st: os.stat_result) -> str | None:
+    """Why a spool directory with this stat is not ours alone, or None: the one rule that
+    config validation and ``spool_root`` both apply."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"must be owned by the proxy's user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"must not be group or world writable (mode {oct(stat.S_IMODE(st.st_mode))})"
+    return None
 
 
 def _sweep_stale(base: Path) -> None:
