@@ -19,7 +19,6 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.helpers import get_env_proxy_for_url
-from multidict import istr
 from yarl import URL
 
 from proxy.access import ClientAccess
@@ -165,9 +164,9 @@ async def reload_and_report(rt: Runtime) -> Generation:
 
 def _route_runtime(route: Route, loaded: Loaded, registry: TokenRegistry) -> RouteRuntime:
     up = URL(route.upstream)
-    drop = {istr(route.key_header)} if loaded.config.clients else set()
+    drop = {route.key_header} if loaded.config.clients else set()
     if route.provider is not None:
-        drop.add(istr("Authorization"))
+        drop.add("Authorization")
     waits = loaded.route_waits_for(route)
     source = registry.sources.get(route.provider) if route.provider and not waits else None
     return RouteRuntime(

@@ -57,7 +57,7 @@ class RouteRuntime:
     timeout: aiohttp.ClientTimeout
     ssl: ssl.SSLContext | bool
     server_hostname: str | None
-    drop_headers: frozenset[str]
+    drop_headers: frozenset[str]  # names in any case: matched lowercased
     max_body: int | None = None  # the route's or the global limit, resolved at load
     proxy: tuple[URL, aiohttp.BasicAuth | None] | None = None
     trusted: tuple[Network, ...] = ()  # peers whose X-Forwarded-* are appended to

@@ -83,9 +83,8 @@ def request_headers(
     skip = _skip_set(drop, trusted_hop)
     named = connection_named(incoming) if "Connection" in incoming else frozenset()
     out: CIMultiDict[str] = CIMultiDict()
-    seen = _LOWER.get
     for name, value in incoming.items():
-        low = seen(name) or _lower(name)
+        low = name.lower()
         if low in skip or low in named:
             continue
         out.add(name, value)
@@ -99,18 +98,6 @@ def request_headers(
     if host:
         out.add("X-Forwarded-Host", host)
     return out
-
-
-_LOWER: dict[str, str] = {}
-
-
-def _lower(name: str) -> str:
-    """``name.lower()``, remembered: header names are few and repeat endlessly, and a lookup
-    is cheaper than a new string per header per request."""
-    low = name.lower()
-    if len(_LOWER) < 4096:  # random names from a hostile peer do not grow it without end
-        _LOWER[name] = low
-    return low
 
 
 _SKIP_SETS: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
@@ -136,9 +123,8 @@ def response_headers(
     ``into``: the response's own header map, filled in place (saves a copy)."""
     named = connection_named(incoming) if "Connection" in incoming else frozenset()
     out: CIMultiDict[str] = CIMultiDict() if into is None else into
-    seen = _LOWER.get
     for name, value in incoming.items():
-        low = seen(name) or _lower(name)
+        low = name.lower()
         if low in _RESPONSE_DROP or low in named:
             continue
         out.add(name, value)
