@@ -7,9 +7,10 @@ even if a reload swaps in a new one meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -94,13 +95,8 @@ class Runtime:
         """The generation for ``loaded``; any failure is a ConfigError naming the file, so
         start-up exits 2 and a reload is refused, whatever went wrong (a CA file replaced
         since validation, a registry that cannot be made)."""
-        try:
+        with _config_failure(loaded.path, "apply"):
             return self._build(loaded, previous)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            problem = f"cannot apply the config: {type(exc).__name__}: {exc}"
-            raise ConfigError(loaded.path, "", problem) from exc
 
     def _build(self, loaded: Loaded, previous: TokenRegistry | None) -> Generation:
         assert self.token_session is not None
@@ -130,13 +126,8 @@ class Runtime:
         made the new one fail. ``reload_and_report`` is what SIGHUP and /-/reload call."""
         assert self.reloader is not None and self.generation is not None
         async with self._reload_lock:
-            try:
+            with _config_failure(self.loaded.path, "read"):
                 loaded = await self.reloader()
-            except ConfigError:
-                raise
-            except Exception as exc:
-                problem = f"cannot read the config: {type(exc).__name__}: {exc}"
-                raise ConfigError(self.loaded.path, "", problem) from exc
             gen = self.build(loaded, self.generation.registry)
             self.generation = gen
             self.loaded = loaded
@@ -144,6 +135,18 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+@contextlib.contextmanager
+def _config_failure(path: str, doing: str) -> Iterator[None]:
+    """Whatever fails while reading or applying a config is a ConfigError naming its file."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        problem = f"cannot {doing} the config: {type(exc).__name__}: {exc}"
+        raise ConfigError(path, "", problem) from exc
 
 
 async def reload_and_report(rt: Runtime) -> Generation:

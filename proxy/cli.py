@@ -38,6 +38,12 @@ log = structlog.get_logger("tokenrelay")
 _background: set[asyncio.Task[Any]] = set()
 
 
+def config_failed(err: ConfigError, who: str = "tokenrelay") -> int:
+    """A config error ends the command the same way wherever it is found: said, exit 2."""
+    print(f"{who}: config error: {err}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def _config_path(arg: str | None) -> str:
     return arg or os.environ.get("TOKENRELAY_CONFIG") or "routes.yaml"
 
@@ -78,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = _load_for_run(_config_path(args.config), args.host, args.port)
     except ConfigError as err:
-        print(f"tokenrelay: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_failed(err)
     _install_uvloop()
     if args.workers > 1:
         from proxy.workers import supervise
@@ -135,14 +140,13 @@ def _check(path: str) -> int:
     try:
         loaded = _load_for_run(path, None, None)
     except ConfigError as err:
-        print(f"tokenrelay: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    _describe(loaded, sys.stdout.write)
+        return config_failed(err)
+    _describe(loaded)
     print("config OK")
     return 0
 
 
-def _describe(loaded: Loaded, write: object) -> None:
+def _describe(loaded: Loaded) -> None:
     cfg = loaded.config
     for r in cfg.routes:
         waits = loaded.route_waits_for(r)
@@ -155,8 +159,7 @@ def _token(path: str, provider: str) -> int:
     try:
         loaded = load_config(path)
     except ConfigError as err:
-        print(f"tokenrelay: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_failed(err)
     if provider in loaded.inactive_providers:
         missing = ", ".join(loaded.inactive_providers[provider])
         print(f"tokenrelay: provider {provider} waits for {missing}", file=sys.stderr)
@@ -249,8 +252,7 @@ async def serve_app(
     try:
         runners = await _start_runners(app, loaded, how)
     except ConfigError as err:  # as a config error before the start: exit 2, no traceback
-        print(f"tokenrelay: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_failed(err)
     stop = on_signals(lambda: how.on_hangup(app))
     watch = asyncio.ensure_future(how.until()) if how.until is not None else None
     if watch is not None:

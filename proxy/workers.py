@@ -28,10 +28,10 @@ from aiohttp import web
 
 from proxy.app import make_token_session
 from proxy.cli import (
-    EXIT_CONFIG,
     Serving,
     _install_uvloop,
     _load_for_run,
+    config_failed,
     on_signals,
     reload_in_background,
     serve_app,
@@ -401,8 +401,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     try:
         loaded = _worker_load(args)
     except ConfigError as err:
-        print(f"tokenrelay worker: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_failed(err, "tokenrelay worker")
     _install_uvloop()
     return asyncio.run(_worker(args, loaded))
 
