@@ -409,11 +409,6 @@ def _aborted(exc: BaseException, ex: Exchange) -> UpstreamFailed:
     return UpstreamFailed(ex.upstream_error)
 
 
-def _complete(resp: Upstream | _Buffered) -> bool:
-    """Whether the whole body is already here (a small response usually arrives at once)."""
-    return isinstance(resp, _Buffered) or (isinstance(resp, Response) and resp.done)
-
-
 async def _arrived_body(resp: Streamed) -> bytes | None:
     """The whole body of a small response that has fully arrived, else None (streamed)."""
     if not isinstance(resp, Response) or not resp.done or resp.buffered > SMALL_BODY:
