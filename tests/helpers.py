@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import io
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.app import RUNTIME, create_app, start_runner
 from proxy.config import parse_config
@@ -295,3 +297,44 @@ def raw_request(
     """A raw request; ``headers`` are whole lines, each ending in CRLF."""
     head = f"{method} {target} HTTP/{version}\r\nHost: front.example\r\n{headers}\r\n"
     return head.encode() + body
+
+
+# --- responses read off a raw socket
+
+
+@dataclass
+class Answer:
+    """One response as it came off the wire."""
+
+    version: str
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def parse_answer_head(head: bytes) -> tuple[str, int, CIMultiDict[str]]:
+    """Version, status and headers of a response head, as the bytes say them."""
+    status_line, *lines = head.removesuffix(b"\r\n\r\n").decode("latin-1").split("\r\n")
+    m = re.fullmatch(r"HTTP/(1\.[01]) (\d{3}) ?.*", status_line)
+    assert m is not None, head[:200]
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.add(name, value.strip())
+    return m.group(1), int(m.group(2)), headers
+
+
+def assert_problem(answer: Answer, status: int, request_id: str | None = None) -> str:
+    """A well-formed RFC 9457 answer; returns its request id."""
+    assert answer.status == status
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert int(answer.headers["Content-Length"]) == len(answer.body)
+    doc = answer.json()
+    assert doc["status"] == status and doc["type"] and doc["title"]
+    assert doc["request_id"] == answer.headers["X-Request-Id"]
+    if request_id is not None:
+        assert doc["request_id"] == request_id
+    return str(doc["request_id"])

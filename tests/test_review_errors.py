@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from proxy.guard import refusal
 from proxy.problems import PROBLEM_TYPE_BASE
 from tests.conftest import StartProxy
-from tests.helpers import LogStream, OwnProxy, Recorder, own_proxy
+from tests.helpers import LogStream, OwnProxy, Recorder, own_proxy, parse_answer_head
 
 WAIT = 5.0
 SECRET = "Bearer SECRET-tok-3f9a"
@@ -57,16 +57,9 @@ async def send(port: int, data: bytes, answers: int = 1) -> list[Answer]:
 
 
 async def _answer(reader: asyncio.StreamReader) -> Answer:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-    m = re.fullmatch(r"HTTP/1\.[01] (\d{3}) .*", status_line)
-    assert m is not None, head[:200]
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.add(name, value.strip())
+    _, status, headers = parse_answer_head(await reader.readuntil(b"\r\n\r\n"))
     body = await reader.readexactly(int(headers.get("Content-Length", "0")))
-    return Answer(int(m.group(1)), headers, body, closed=False)
+    return Answer(status, headers, body, closed=False)
 
 
 @pytest.fixture

@@ -13,36 +13,19 @@ import random
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.app import RUNTIME
 from tests.conftest import StartProxy, StartUpstream
-from tests.helpers import Echo, Recorder, own_proxy
+from tests.helpers import Answer, Echo, Recorder, assert_problem, own_proxy, parse_answer_head
 from tests.helpers import raw_request as req
 from tests.helpers import svc_config as config
 
 WAIT = 5.0  # outer bound on any single wait for the proxy: a hang fails, never stalls
-
-
-@dataclass
-class Answer:
-    """One response as it came off the wire."""
-
-    version: str
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
 
 
 class Conn:
@@ -62,14 +45,7 @@ class Conn:
 
     async def _answer(self, method: str) -> Answer:
         head = await self.reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        m = re.fullmatch(r"HTTP/(1\.[01]) (\d{3}) ?.*", status_line)
-        assert m is not None, head[:200]
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers.add(name, value.strip())
-        status = int(m.group(2))
+        version, status, headers = parse_answer_head(head)
         if method == "HEAD" or status in (204, 304) or status < 200:
             body = b""
         elif "Content-Length" in headers:
@@ -78,7 +54,7 @@ class Conn:
             body = await self._dechunk()
         else:
             body = await self.reader.read()  # close-delimited
-        return Answer(m.group(1), status, headers, body)
+        return Answer(version, status, headers, body)
 
     async def _dechunk(self) -> bytes:
         parts = []
@@ -359,19 +335,6 @@ async def test_unframed_upstream_body_is_rechunked_or_close_delimited(
 
 
 # --- the proxy's own errors
-
-
-def assert_problem(answer: Answer, status: int, request_id: str | None = None) -> str:
-    """A well-formed RFC 9457 answer; returns its request id."""
-    assert answer.status == status
-    assert answer.headers["Content-Type"] == "application/problem+json"
-    assert int(answer.headers["Content-Length"]) == len(answer.body)
-    doc = answer.json()
-    assert doc["status"] == status and doc["type"] and doc["title"]
-    assert doc["request_id"] == answer.headers["X-Request-Id"]
-    if request_id is not None:
-        assert doc["request_id"] == request_id
-    return str(doc["request_id"])
 
 
 async def dead_port() -> int:

@@ -12,23 +12,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.app import RUNTIME
 from tests.conftest import StartProxy, StartUpstream
-from tests.helpers import Echo, own_proxy, provider_json
+from tests.helpers import (
+    Answer,
+    Echo,
+    assert_problem,
+    own_proxy,
+    parse_answer_head,
+    provider_json,
+)
 from tests.helpers import raw_request as req
 from tests.helpers import svc_config as config
 from tests.vendors import Simplifi, serve
@@ -53,17 +56,6 @@ def sha(data: bytes) -> str:
 
 
 # --- a raw client that keeps every byte, even when the proxy resets the connection
-
-
-@dataclass
-class Answer:
-    version: str
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
 
 
 class Wire(asyncio.Protocol):
@@ -139,20 +131,13 @@ class Wire(asyncio.Protocol):
         async with asyncio.timeout(WAIT):
             while (end := self.data.find(b"\r\n\r\n")) < 0:
                 await self._wait()
-            head = (await self._take(end + 4))[:-4].decode("latin-1")
-            status_line, *lines = head.split("\r\n")
-            m = re.fullmatch(r"HTTP/(1\.[01]) (\d{3}) ?.*", status_line)
-            assert m is not None, head[:200]
-            headers: CIMultiDict[str] = CIMultiDict()
-            for line in lines:
-                name, _, value = line.partition(":")
-                headers.add(name, value.strip())
-            status = int(m.group(2))
+            head = await self._take(end + 4)
+            version, status, headers = parse_answer_head(head)
             body = b""
             if method != "HEAD" and status >= 200 and status not in (204, 304):
                 assert "Transfer-Encoding" not in headers, head
                 body = await self._take(int(headers["Content-Length"]))
-            return Answer(m.group(1), status, headers, body)
+            return Answer(version, status, headers, body)
 
     async def closed(self) -> bytes:
         """Whatever arrives until the proxy closes the connection (fails if it never does)."""
@@ -172,16 +157,6 @@ async def connect(port: int) -> AsyncIterator[Wire]:
     finally:
         if wire.transport is not None:
             wire.transport.close()
-
-
-def assert_problem(answer: Answer, status: int, request_id: str | None = None) -> None:
-    assert answer.status == status
-    assert answer.headers["Content-Type"] == "application/problem+json"
-    doc = answer.json()
-    assert doc["status"] == status
-    assert doc["request_id"] == answer.headers["X-Request-Id"]
-    if request_id is not None:
-        assert doc["request_id"] == request_id
 
 
 def assert_one_length(e: Echo, index: int, body: bytes) -> None:
