@@ -47,6 +47,7 @@ from proxy.problems import (
     problem_response,
 )
 from proxy.server import Dispatch, FastDownstream, Head, Serve
+from proxy.startonly import check_exposure, keep_running, restart_needed
 from proxy.tls import client_ssl, server_hostname
 from proxy.tokens.registry import TokenRegistry
 from proxy.tokens.source import Clock, system_clock
@@ -128,6 +129,11 @@ class Runtime:
         async with self._reload_lock:
             with _config_failure(self.loaded.path, "read"):
                 loaded = await self.reloader()
+            running = self.loaded.config
+            pending = restart_needed(running, loaded.config)
+            loaded.restart_needed = list(dict.fromkeys(pending + loaded.restart_needed))
+            loaded.config = keep_running(running, loaded.config)
+            check_exposure(loaded)  # the listener that stays up must stay protected
             gen = self.build(loaded, self.generation.registry)
             self.generation = gen
             self.loaded = loaded
@@ -162,6 +168,8 @@ async def reload_and_report(rt: Runtime) -> Generation:
         raise ConfigInvalid(err) from None
     rt.observer.reload_done(ok=True)
     log.info("reloaded", routes=[r.prefix for r in gen.config.routes], config=gen.loaded.path)
+    for key in gen.loaded.restart_needed:
+        log.warning(f"restart needed for {key}", key_path=key, config=gen.loaded.path)
     return gen
 
 
@@ -578,7 +586,10 @@ async def _admin(
         return await _renew(rt, path.removeprefix("/-/tokens/").removesuffix("/renew"))
     if path == "/-/reload" and request.method == "POST" and on_admin_listener:
         gen = await reload_and_report(rt)
-        return web.json_response({"status": "reloaded", "routes": len(gen.table)})
+        pending = gen.loaded.restart_needed
+        return web.json_response(
+            {"status": "reloaded", "routes": len(gen.table), "restart_needed": pending}
+        )
     raise NotFound(f"no admin endpoint {path[:100]}")
 
 

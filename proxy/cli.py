@@ -30,6 +30,7 @@ from proxy.app import (
 from proxy.config import Config, Listen, Loaded, load_config
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, ConfigInvalid, TokenError
+from proxy.startonly import check_exposure
 from proxy.tokens.registry import TokenRegistry
 from proxy.tokens.source import system_clock
 
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.workers import supervise
 
         path = _config_path(args.config)
-        return asyncio.run(supervise(loaded, args.workers, args.log_format, path))
+        cli_listen = (args.host, args.port)
+        return asyncio.run(supervise(loaded, args.workers, args.log_format, path, cli_listen))
     return asyncio.run(
         serve(loaded, args.log_format, _config_path(args.config), args.host, args.port)
     )
@@ -112,21 +114,6 @@ def _load_for_run(path: str, host: str | None, port: int | None) -> Loaded:
     loaded.config = cfg.model_copy(update={"listen": listen})
     check_exposure(loaded)
     return loaded
-
-
-def check_exposure(loaded: Loaded) -> None:
-    """Like Redis's protected mode: credentials on an open port need an explicit choice."""
-    cfg = loaded.config
-    with_token = [r.prefix for r in cfg.routes if r.provider is not None]
-    if cfg.listen.is_loopback() or not with_token or cfg.clients or cfg.allow_unauthenticated:
-        return
-    raise ConfigError(
-        loaded.path,
-        "listen.host",
-        f"listening on {cfg.listen.host} would let anyone who reaches it use the vendor "
-        f"credentials of {', '.join(with_token)}; configure 'clients' (inbound keys) or set "
-        "'allow_unauthenticated: true' if something else (a mesh policy) protects the port",
-    )
 
 
 def _install_uvloop() -> None:

@@ -425,6 +425,8 @@ class Loaded:
     config: Config
     path: str
     inactive_providers: dict[str, list[str]] = field(default_factory=dict)
+    restart_needed: list[str] = field(default_factory=list)
+    """Start-only keys this load changes that the running process kept (see startonly)."""
 
     def route_waits_for(self, route: Route) -> list[str]:
         if route.provider is None:

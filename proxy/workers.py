@@ -40,6 +40,7 @@ from proxy.cli import (
 from proxy.config import Listen, Loaded, Provider
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, TokenError
+from proxy.startonly import check_exposure, keep_running, restart_needed
 from proxy.tokens.cache import CachedTokenSource
 from proxy.tokens.grants import EventSink
 from proxy.tokens.registry import TokenRegistry
@@ -58,8 +59,17 @@ _FROM_PARENT: ContextVar[bool] = ContextVar("reload_from_parent", default=False)
 class Supervisor:
     """Holds the real token registry, serves it on the broker socket, keeps N workers alive."""
 
-    def __init__(self, loaded: Loaded, argv: list[str], path: str, registry: TokenRegistry) -> None:
+    def __init__(
+        self,
+        loaded: Loaded,
+        argv: list[str],
+        path: str,
+        registry: TokenRegistry,
+        cli_listen: tuple[str | None, int | None] = (None, None),
+    ) -> None:
         self.loaded, self.argv, self.path, self.registry = loaded, argv, path, registry
+        self.cli_listen = cli_listen  # --host/--port as given: the file decides the rest
+        self.restart_needed: list[str] = []
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = False
         self._reload_lock = asyncio.Lock()
@@ -88,17 +98,22 @@ class Supervisor:
         """A worker's admin /-/reload: everyone but that worker (it reloads itself) follows."""
         refused = await self.reload(exclude=int((await request.json())["pid"]))
         problem = None if refused is None else [refused.file, refused.path, refused.problem]
-        return web.json_response({"problem": problem})
+        return web.json_response({"problem": problem, "restart_needed": self.restart_needed})
 
     async def reload(self, exclude: int | None = None) -> ConfigError | None:
         """Rebuild the registry (unchanged providers keep their tokens), then SIGHUP workers."""
         async with self._reload_lock:
-            listen = self.loaded.config.listen
             try:
-                loaded = await asyncio.to_thread(_load_for_run, self.path, listen.host, listen.port)
+                loaded = await asyncio.to_thread(_load_for_run, self.path, *self.cli_listen)
+                running = self.loaded.config
+                self.restart_needed = restart_needed(running, loaded.config)
+                loaded.config = keep_running(running, loaded.config)
+                check_exposure(loaded)
             except ConfigError as err:
                 log.error("reload failed, config unchanged", file=err.file, key_path=err.path)
                 return err
+            for key in self.restart_needed:
+                log.warning(f"restart needed for {key}", key_path=key, config=self.path)
             self.loaded, self.registry = loaded, self.registry.rebuild(loaded.config.providers)
             for proc in self.procs.values():
                 if proc.returncode is None and proc.pid != exclude:
@@ -154,7 +169,13 @@ def _reserve(listen: Listen) -> socket.socket:
     return sock
 
 
-async def supervise(loaded: Loaded, workers: int, log_format: str, config_path: str) -> int:
+async def supervise(
+    loaded: Loaded,
+    workers: int,
+    log_format: str,
+    config_path: str,
+    cli_listen: tuple[str | None, int | None] = (None, None),
+) -> int:
     """The parent of ``--workers N``: runs until SIGTERM/SIGINT; SIGHUP reloads everyone."""
     cfg = loaded.config
     reserved = [_reserve(cfg.listen)] + ([_reserve(cfg.admin)] if cfg.admin else [])
@@ -167,7 +188,7 @@ async def supervise(loaded: Loaded, workers: int, log_format: str, config_path: 
     token_session = make_token_session(cfg)
     observer = Observer(log_format)
     registry = TokenRegistry(cfg.providers, token_session, on_event=observer.token_event)
-    sup = Supervisor(loaded, argv, config_path, registry)
+    sup = Supervisor(loaded, argv, config_path, registry, cli_listen)
     runner = web.AppRunner(sup.broker_app(), handle_signals=False, access_log=None)
     await runner.setup()
     try:
@@ -370,7 +391,9 @@ async def _reload_via_parent(args: argparse.Namespace, client: BrokerClient) -> 
     if answer["problem"] is not None:  # the parent's refusal, file and key path kept apart
         file, path, problem = answer["problem"]
         raise ConfigError(file, path, problem)
-    return await asyncio.to_thread(_worker_load, args)
+    loaded = await asyncio.to_thread(_worker_load, args)
+    loaded.restart_needed = answer["restart_needed"]  # listen keys: pinned by our arguments
+    return loaded
 
 
 def _tag(index: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
