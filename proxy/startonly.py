@@ -1,6 +1,6 @@
 """What a reload cannot apply, and the rule that a running listener must stay protected.
 
-The listeners, the spool directory, the token session's ``trust_env`` and the parser and
+The listeners, the spool directory, the token session's ``trust_env``, the drain time and the parser and
 connection limits are set up once, when the process starts. A reload keeps their running
 values, names each changed key ("restart needed for listen.port") and applies the rest, so
 what runs is always exactly what the running config says.
@@ -13,7 +13,7 @@ from typing import Any
 from proxy.config import Config, Loaded
 from proxy.problems import ConfigError
 
-START_ONLY = ("listen", "admin", "spool_dir", "trust_env", "limits")
+START_ONLY = ("listen", "admin", "spool_dir", "trust_env", "shutdown_grace", "limits")
 RELOADABLE_LIMITS = frozenset({"max_body"})  # read per route when a generation is built
 
 
