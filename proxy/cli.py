@@ -112,7 +112,12 @@ def _load_for_run(path: str, host: str | None, port: int | None) -> Loaded:
         problem = str(err["msg"]).removeprefix("Value error, ")
         raise ConfigError("command line", key, problem) from None
     loaded.config = cfg.model_copy(update={"listen": listen})
-    check_exposure(loaded)
+    try:
+        check_exposure(loaded)
+    except ConfigError as err:
+        if host is None or host == cfg.listen.host:
+            raise
+        raise ConfigError("command line --host", err.path, err.problem) from None
     return loaded
 
 

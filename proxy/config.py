@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -571,11 +572,7 @@ def parse_config(
     try:
         raw = _load_yaml(text, file)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(
-            file, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}"
-        ) from None
+        raise ConfigError(file, "", f"invalid YAML: {_yaml_problem(exc)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(file, "", "top level must be a mapping")
@@ -591,17 +588,51 @@ def parse_config(
     try:
         config = _validate(data, inactive)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        ctx_err = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _KeyedError):
-            loc = (*loc, *ctx_err.loc)
-            msg = str(ctx_err)
-        else:
-            msg = _message(err)
-        extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(file, format_path(loc), msg + extra) from None
+        (where, msg), *rest = [_described(err) for err in exc.errors()]
+        also = "".join(f"\n  and {p or 'top level'}: {m}" for p, m in rest)
+        raise ConfigError(file, where, msg + also) from None
     return Loaded(config=config, path=file, inactive_providers=inactive)
+
+
+def _described(err: Any) -> tuple[str, str]:
+    """One validation error as (key path, problem); every one of them is reported."""
+    loc = tuple(err["loc"])
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _KeyedError):
+        return format_path((*loc, *ctx_err.loc)), str(ctx_err)
+    msg = _message(err)
+    if err["type"] == "extra_forbidden":
+        valid = _keys_at(loc[:-1])
+        msg += f" (valid keys here: {', '.join(valid)})" if valid else ""
+    return format_path(loc), msg
+
+
+def _keys_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the model at ``loc`` takes, found by walking the field types from Config."""
+    kind: Any = Config
+    for part in loc:
+        fields = getattr(kind, "model_fields", None)
+        if fields is not None and isinstance(part, str) and part in fields:
+            kind = fields[part].annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        while args and getattr(kind, "model_fields", None) is None:
+            kind = args[-1]  # Optional[X] → X, list[X] → X, dict[str, X] → X
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+    fields = getattr(kind, "model_fields", None)
+    internal = {"name"} if kind is Provider else set()  # set by the loader, from the map key
+    return sorted(set(fields) - internal) if fields is not None else []
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where the parser noticed, and where the broken construct began (often the real
+    mistake: an unclosed quote or bracket lines above)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    text = f"{where}{getattr(exc, 'problem', None) or exc}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        text += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    return text
 
 
 def _load_yaml(text: str, file: str) -> Any:

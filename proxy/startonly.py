@@ -1,9 +1,9 @@
 """What a reload cannot apply, and the rule that a running listener must stay protected.
 
 The listeners, the spool directory, the token session's ``trust_env``, the drain time and
-the parser and connection limits are set up once, when the process starts. A reload keeps their running
-values, names each changed key ("restart needed for listen.port") and applies the rest, so
-what runs is always exactly what the running config says.
+the parser and connection limits are set up once, when the process starts. A reload keeps
+their running values, names each changed key ("restart needed for listen.port") and
+applies the rest, so what runs is always exactly what the running config says.
 """
 
 from __future__ import annotations

@@ -96,6 +96,10 @@ def test_open_listener_with_credentials_refused(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "allow_unauthenticated" in out.stderr
     assert "SECRET-MARKER-1" not in out.stderr + out.stdout
+    assert "config error: command line --host: listen.host: listening on 0.0.0.0" in out.stderr
+    cfg.write_text("listen: {host: 0.0.0.0}\n" + cfg.read_text())
+    out = run_cli("--config", str(cfg), "--port", "0")
+    assert f"config error: {cfg}: listen.host: listening on 0.0.0.0" in out.stderr
 
 
 def test_check_accepts_the_shipped_config() -> None:

@@ -112,3 +112,33 @@ def test_secret_type_redacts_everywhere() -> None:
     s = Secret("hunter2")
     assert "hunter2" not in f"{s} {s!r}"
     assert str(s) == "***"
+
+
+def test_every_validation_error_is_reported_with_the_valid_keys() -> None:
+    text = (
+        "listen: {hots: 127.0.0.1}\n"
+        "routes:\n  - {prefix: /a/, upstream: 'http://127.0.0.1:1/', colour: red}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "routes.yaml", {})
+    assert err.value.path == "listen.hots"
+    message = str(err.value)
+    assert "unknown key (valid keys here: host, port)" in message
+    assert "and routes[0].colour: unknown key (valid keys here: allow_plain_http," in message
+    assert "more)" not in message
+
+
+def test_an_unknown_provider_key_lists_the_provider_keys_a_user_can_give() -> None:
+    text = "providers:\n  p: {grant: static, token: t, colour: 1}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "routes.yaml", {})
+    valid = str(err.value).split("valid keys here: ")[1]
+    assert "token_url" in valid and "client_auth" in valid
+    assert "name," not in valid  # set from the map key, never written by the user
+
+
+def test_a_yaml_error_names_where_the_broken_construct_starts() -> None:
+    text = "routes:\n  - prefix: '/a/\n    upstream: x\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "routes.yaml", {})
+    assert "quoted scalar that starts at line 2, column 13" in err.value.problem
