@@ -588,8 +588,8 @@ def parse_config(
     try:
         config = _validate(data, inactive)
     except ValidationError as exc:
-        (where, msg), *rest = [_described(err) for err in exc.errors()]
-        also = "".join(f"\n  and {p or 'top level'}: {m}" for p, m in rest)
+        (where, msg), *others = [_described(err) for err in exc.errors()]
+        also = "".join(f"\n  and {p or 'top level'}: {m}" for p, m in others)
         raise ConfigError(file, where, msg + also) from None
     return Loaded(config=config, path=file, inactive_providers=inactive)
 
