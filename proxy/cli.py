@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import getpass
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from proxy import __version__
+from proxy.access import key_digest
 from proxy.app import (
     RUNTIME,
     RegistryFactory,
@@ -54,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tokenrelay",
         description="Authenticating reverse proxy: injects vendor Bearer tokens.",
         epilog="subcommands: 'tokenrelay check [--config PATH]', "
-        "'tokenrelay token PROVIDER [--config PATH]'",
+        "'tokenrelay token PROVIDER [--config PATH]', "
+        "'tokenrelay hash-key' (a client key on stdin → its key_sha256)",
     )
     p.add_argument("--version", action="version", version=f"tokenrelay {__version__}")
     p.add_argument("--config", help="routes.yaml (default: $TOKENRELAY_CONFIG, ./routes.yaml)")
@@ -73,8 +76,26 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
     return p
 
 
+def _hash_key(argv: list[str]) -> int:
+    """The ``key_sha256`` for a client key read from stdin (a prompt on a terminal), so the
+    key itself never has to be written into routes.yaml or a shell history."""
+    argparse.ArgumentParser(
+        prog="tokenrelay hash-key",
+        description="Reads a client key from stdin; prints the key_sha256 line for clients:.",
+    ).parse_args(argv)
+    key = getpass.getpass("client key: ") if sys.stdin.isatty() else sys.stdin.read()
+    key = key.rstrip("\r\n")  # as key_file does: a file's or echo's final newline is no part
+    if not key:
+        print("tokenrelay hash-key: no key on stdin", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"key_sha256: {key_digest(key).hex()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["hash-key"]:
+        return _hash_key(args_list[1:])
     if args_list and args_list[0] in ("check", "token"):
         sub = _sub_parser(args_list[0]).parse_args(args_list[1:])
         if args_list[0] == "check":

@@ -235,3 +235,28 @@ async def test_token_command_prints_type_scope_expiry_redacted(tmp_path: Path) -
     assert "expires_in: 7200 s" in text or "expires_in: 7199 s" in text
     for secret in vendor.secret_values():
         assert secret not in text
+
+
+def test_hash_key_prints_a_key_sha256_that_lets_the_key_in(tmp_path: Path) -> None:
+    import hashlib
+
+    out = subprocess.run(
+        [PY, "-m", "proxy", "hash-key"], input="KEY-MARKER-7\n", capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    digest = hashlib.sha256(b"KEY-MARKER-7").hexdigest()
+    assert out.stdout == f"key_sha256: {digest}\n"
+    assert "KEY-MARKER-7" not in out.stdout + out.stderr
+    cfg = tmp_path / "routes.yaml"
+    cfg.write_text(f"clients:\n  - {{id: bi, key_sha256: {digest}}}\n")
+    from proxy.access import ClientAccess
+    from proxy.config import load_config
+
+    access = ClientAccess(load_config(cfg).config.clients)
+    assert access.check({"X-Api-Key": "KEY-MARKER-7"}, "/", "X-Api-Key") == "bi"
+
+
+def test_hash_key_refuses_an_empty_key() -> None:
+    out = subprocess.run([PY, "-m", "proxy", "hash-key"], input="", capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "no key on stdin" in out.stderr
