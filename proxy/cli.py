@@ -357,6 +357,8 @@ def _announce(loaded: Loaded, port: int, admin_port: int | None) -> None:
         active_routes=active,
         waiting_routes=waiting,
         config=loaded.path,
+        pid=os.getpid(),
+        version=__version__,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import random
 import re
 import sys
@@ -22,7 +23,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -31,6 +32,8 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from proxy import __version__
+from proxy.config import ADMIN_PREFIX
 from proxy.forward.exchange import Exchange
 
 EventDict = MutableMapping[str, Any]
@@ -147,7 +150,7 @@ def _renderer(fmt: str, stream: TextIO) -> Renderer:
         return _render_json
     if fmt == "console":
         colors = bool(getattr(stream, "isatty", lambda: False)())
-        return structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="time")
+        return structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="time", sort_keys=False)
     raise ValueError(f"log format must be 'json' or 'console', not {fmt!r}")
 
 
@@ -230,6 +233,9 @@ def log_token_event(event: str, fields: Mapping[str, object], logger: Any = None
 # access log
 
 
+_EMPTY = ("", None)
+
+
 class AccessLog:
     """One line per request, rendered without the processor chain: it runs on every request.
 
@@ -257,8 +263,8 @@ class AccessLog:
         line = self._fields(ex, duration)
         if self._json:
             text = orjson.dumps(line, default=str).decode()
-        else:
-            text = self._render(None, "info", line)
+        else:  # for people: fields in the line's own order, and none that say nothing
+            text = self._render(None, "info", {k: v for k, v in line.items() if v not in _EMPTY})
         pending = self._pending
         pending.append(text)
         if len(pending) == 1:
@@ -309,6 +315,7 @@ REPLAY_OUTCOMES = frozenset(
     {"succeeded", "unauthorized_again", "body_too_large", "response_too_large"}
 )
 UPSTREAM_ERRORS = frozenset({"connect", "timeout", "reset", "tls"})
+UNPROXIED = frozenset({ADMIN_PREFIX, "none"})  # admin answers; requests that matched no route
 MAX_LABEL_VALUES = 256  # per label set family: a bug upstream of here cannot explode the series
 OVERFLOW = "other"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -337,10 +344,11 @@ class _Histogram:
 class _RouteStats:
     """Everything counted per route, found with one dict lookup per request."""
 
-    __slots__ = ("duration", "errors", "label", "received", "replays", "sent", "ttfb")
+    __slots__ = ("duration", "errors", "label", "proxied", "received", "replays", "sent", "ttfb")
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self.proxied = label not in UNPROXIED  # no upstream: no upstream series either
         self.duration = _Histogram()
         self.ttfb = _Histogram()
         self.received = 0
@@ -371,6 +379,7 @@ class Metrics:
         self._token_states: TokenStates | None = None
         self.in_flight_now = 0
         self.registry.register(self)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, RSS, open fds
 
     def observe(self, ex: Exchange, duration: float | None = None) -> None:
         """Every request-side metric from one finished Exchange; unknown outcomes and
@@ -433,6 +442,11 @@ class Metrics:
     # -- the collector side: called by the registry at scrape time
 
     def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "tokenrelay_build_info", "Always 1; the version running", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
         yield from self._request_families()
         yield from self._route_families()
         yield from self._token_families()
@@ -463,10 +477,11 @@ class Metrics:
             "Time from arrival to the last byte sent",
             [(rs.label, rs.duration) for rs in stats],
         )
+        proxied = [rs for rs in stats if rs.proxied]
         yield _histograms(
             "tokenrelay_upstream_ttfb_seconds",
             "Time from arrival to the first upstream response byte",
-            [(rs.label, rs.ttfb) for rs in stats],
+            [(rs.label, rs.ttfb) for rs in proxied],
         )
         received = CounterMetricFamily(
             "tokenrelay_received_bytes", "Request body bytes from clients", labels=["route"]
@@ -483,6 +498,7 @@ class Metrics:
         for rs in stats:
             received.add_metric([rs.label], rs.received)
             sent.add_metric([rs.label], rs.sent)
+        for rs in proxied:
             for outcome, n in rs.replays.items():
                 replays.add_metric([rs.label, outcome], n)
             for kind, n in rs.errors.items():

@@ -188,6 +188,8 @@ async def test_sighup_swaps_routes_and_keeps_them_on_a_bad_config(
     _, up = echo
     cfg.write_text(f"routes:\n  - prefix: /a/\n    upstream: {up}/\n")
     r: Running = await start()  # type: ignore[operator]
+    started = next(line for line in r.lines if line["event"] == "listening")
+    assert started["pid"] == r.proc.pid and started["version"] == __version__
     async with client.get(r.url / "a" / "x") as resp:
         assert resp.status == 200
     cfg.write_text(f"routes:\n  - prefix: /b/\n    upstream: {up}/\n")

@@ -180,6 +180,8 @@ def test_access_line_console_format() -> None:
     assert text.count("\n") == 1 and not text.startswith("{")
     assert "access" in text and "status=404" in text and "path=/api/v1/items" in text
     assert "\x1b[" not in text, "no colour codes when not writing to a terminal"
+    assert "route=" not in text and "client_id=" not in text, "empty fields say nothing"
+    assert text.index("method=") < text.index("status=404") < text.index("duration_ms=")
 
 
 def test_unknown_log_format_refused() -> None:
@@ -355,7 +357,7 @@ def test_raw_paths_never_become_labels() -> None:
     s = scrape(m)
     label_names = {k for (_, ls) in s for (k, _) in ls}
     assert label_names <= {"route", "method", "status", "le", "provider", "step", "outcome",
-                           "kind"}  # fmt: skip
+                           "kind", "version", "python"}  # fmt: skip
     assert not any("/users/" in v for (_, ls) in s for (_, v) in ls)
     requests = [k for k in s if k[0] == "tokenrelay_requests_total"]
     assert len(requests) == 3
@@ -488,3 +490,24 @@ async def test_metrics_scraped_over_http() -> None:
         await runner.cleanup()
     families = {f.name for f in text_string_to_metric_families(text)}
     assert {"tokenrelay_requests", "tokenrelay_request_duration_seconds"} <= families
+
+
+def test_admin_and_unrouted_series_carry_no_upstream_families() -> None:
+    m = Metrics(perf=FakePerf())
+    m.observe(exchange(route="/-/", status=200))
+    m.observe(exchange(route="", status=404))
+    m.observe(exchange(route="/api", status=200))
+    s = scrape(m)
+    for family in ("tokenrelay_upstream_ttfb_seconds_count", "tokenrelay_upstream_errors_total"):
+        routes = {dict(ls).get("route") for (name, ls) in s if name == family}
+        assert routes == {"/api"}, family
+    assert value(s, "tokenrelay_requests_total", route="none", method="GET", status="404") == 1
+
+
+def test_build_info_and_process_metrics_are_exported() -> None:
+    from proxy import __version__
+
+    s = scrape(Metrics(perf=FakePerf()))
+    info = [dict(ls) for (name, ls) in s if name == "tokenrelay_build_info"]
+    assert info and info[0]["version"] == __version__
+    assert any(name == "process_resident_memory_bytes" for (name, _) in s)
