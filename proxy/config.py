@@ -7,6 +7,8 @@ validation (presets are merged in by ``proxy.presets`` before validation).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ipaddress
 import os
 import re
@@ -33,6 +35,7 @@ from yarl import URL
 
 from proxy.forward.spool import unsafe_dir
 from proxy.problems import ConfigError
+from proxy.signing_keys import KeyFileError, load_signing_key
 from proxy.tls import TLSFileError, check_files
 
 ADMIN_PREFIX = "/-/"
@@ -159,6 +162,13 @@ class RefreshAhead(Model):
 Grant = Literal["client_credentials", "password", "simacan", "static"]
 
 
+ClientAuth = Literal[
+    "basic", "basic_raw", "body", "private_key_jwt", "client_secret_jwt", "tls_client_auth"
+]
+NO_SECRET_AUTH = frozenset({"private_key_jwt", "tls_client_auth"})  # no client_secret at all
+ASYMMETRIC_ALGS = ("RS256", "PS256", "ES256", "ES384")
+
+
 class Provider(Model):
     """How to obtain one vendor's token. Presets fill keys the user left out."""
 
@@ -171,7 +181,11 @@ class Provider(Model):
     refresh_url: str | None = None
     client_id: str | None = None
     client_secret: Secret | None = None
-    client_auth: Literal["basic", "basic_raw", "body"] = "basic"
+    client_auth: ClientAuth = "basic"
+    private_key_file: Path | None = None
+    key_id: str | None = None
+    signing_alg: str | None = None
+    assertion_audience: str | None = None
     username: str | None = None
     password: Secret | None = None
     scope: str | None = None
@@ -200,12 +214,47 @@ class Provider(Model):
             "simacan": ("token_url", "refresh_url", "username", "password"),
             "static": ("token",),
         }
-        missing = [k for k in need[self.grant] if getattr(self, k) is None]
+        needed = need[self.grant]
+        if self.client_auth in NO_SECRET_AUTH:
+            needed = tuple(k for k in needed if k != "client_secret")
+        missing = [k for k in needed if getattr(self, k) is None]
         if missing:
             raise ValueError(f"grant {self.grant} needs {', '.join(missing)}")
         if self.client_auth == "basic_raw" and ":" in (self.client_id or ""):
             raise ValueError("client_auth basic_raw cannot send a client_id holding ':'")
+        self._client_auth_fields()
         return self
+
+    def _client_auth_fields(self) -> None:
+        """What each OIDC Core §9 / RFC 8705 method needs, refused at its key."""
+        method = self.client_auth
+        if method == "private_key_jwt":
+            if self.private_key_file is None:
+                raise _KeyedError(("private_key_file",), "client_auth private_key_jwt needs it")
+            try:
+                load_signing_key(self.private_key_file, self.signing_alg, self.key_id)
+            except KeyFileError as exc:
+                raise _KeyedError(("private_key_file",), str(exc)) from None
+        elif self.private_key_file is not None:
+            raise _KeyedError(("private_key_file",), "applies only to private_key_jwt")
+        if method == "client_secret_jwt" and self.signing_alg not in (None, "HS256"):
+            raise _KeyedError(("signing_alg",), "client_secret_jwt signs with HS256")
+        if method == "tls_client_auth" and self.tls.client_cert_file is None:
+            raise _KeyedError(
+                ("tls", "client_cert_file"),
+                "client_auth tls_client_auth needs a client certificate",
+            )
+
+    @field_validator("signing_alg")
+    @classmethod
+    def _alg(cls, v: str | None) -> str | None:
+        if v is None or v in (*ASYMMETRIC_ALGS, "HS256"):
+            return v
+        if v.lower() == "none":
+            raise ValueError("none is refused: an unsigned assertion proves nothing")
+        if v.upper().startswith("HS"):
+            raise ValueError(f"{v} is refused: client_secret_jwt signs with HS256")
+        raise ValueError(f"{v} is not one of {', '.join(ASYMMETRIC_ALGS)}, HS256")
 
     def settings_key(self) -> str:
         """Everything that defines this provider, secrets included: equal keys share a token."""
@@ -213,6 +262,9 @@ class Provider(Model):
         for k in ("client_secret", "password", "token"):
             v = getattr(self, k)
             dumped[k] = v.get_secret_value() if v is not None else None
+        if self.private_key_file is not None:  # a key rotated in place is another identity
+            with contextlib.suppress(OSError):
+                dumped["private_key"] = hashlib.sha256(self.private_key_file.read_bytes()).digest()
         return repr(sorted(dumped.items()))
 
 

@@ -26,7 +26,9 @@ import aiohttp
 
 from proxy.config import Provider
 from proxy.problems import TokenError
+from proxy.signing_keys import load_signing_key
 from proxy.tls import client_ssl, server_hostname
+from proxy.tokens.assertions import ASSERTION_METHODS, ASSERTION_TYPE, client_assertion
 from proxy.tokens.source import Clock, Token
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -42,7 +44,7 @@ _DETAIL_LIMIT = 200
 _READ_LIMIT = 65536  # vendor text is scrubbed whole up to here, then cut to _DETAIL_LIMIT
 # a run that looks like a key, a base64 value or a JWT: masked even when it is no known secret
 _TOKEN_LIKE = re.compile(r"[A-Za-z0-9+/=_.~%-]{32,}")
-_SECRET_NAME = re.compile(r"(?i)secret|password|passwd|token|key|auth|credential")
+_SECRET_NAME = re.compile(r"(?i)secret|password|passwd|token|key|auth|credential|assertion")
 
 
 class TransientTokenError(TokenError):
@@ -191,6 +193,11 @@ class _HttpGrant:
         self._clock = clock
         self._on_event = on_event
         self._ssl = client_ssl(provider.tls)
+        self._key = (
+            load_signing_key(provider.private_key_file, provider.signing_alg, provider.key_id)
+            if provider.private_key_file is not None
+            else None
+        )
         self._timeout = aiohttp.ClientTimeout(
             total=provider.timeout.connect + provider.timeout.read,
             sock_connect=provider.timeout.connect,
@@ -204,10 +211,20 @@ class _HttpGrant:
         if self._on_event is not None:
             self._on_event(event, {"provider": self.provider.name, **fields})
 
-    def _client_auth(self, form: dict[str, str], headers: dict[str, str]) -> None:
+    def _client_auth(self, form: dict[str, str], headers: dict[str, str], url: str) -> None:
         """Add client credentials: Basic with each part form-encoded as RFC 6749 §2.3.1 says,
-        Basic as they are (what a vendor's own ``requests`` example sends), or the body."""
+        Basic as they are (what a vendor's own ``requests`` example sends), the body, a signed
+        assertion for ``url`` (OIDC Core §9), or only the id, the TLS client certificate
+        being the proof (RFC 8705 §2)."""
         p = self.provider
+        if p.client_id is not None and p.client_auth in ASSERTION_METHODS:
+            form["client_id"] = p.client_id
+            form["client_assertion_type"] = ASSERTION_TYPE
+            form["client_assertion"] = self._assertion(p.client_id, url)
+            return
+        if p.client_id is not None and p.client_auth == "tls_client_auth":
+            form["client_id"] = p.client_id
+            return
         if p.client_id is None or p.client_secret is None:
             return
         secret = p.client_secret.get_secret_value()
@@ -220,6 +237,12 @@ class _HttpGrant:
         else:
             pair = f"{quote_plus(p.client_id, safe='')}:{quote_plus(secret, safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+    def _assertion(self, client_id: str, url: str) -> str:
+        p = self.provider
+        secret = p.client_secret.get_secret_value() if p.client_secret is not None else None
+        audience = p.assertion_audience or url
+        return client_assertion(client_id, audience, self._clock(), key=self._key, secret=secret)
 
     def _oauth_extras(self, form: dict[str, str]) -> None:
         p = self.provider
@@ -331,9 +354,9 @@ class ClientCredentialsGrant(_HttpGrant):
         step = "client_credentials"
         form = {"grant_type": "client_credentials"}
         headers: dict[str, str] = {}
-        self._client_auth(form, headers)
-        self._oauth_extras(form)
         url = _url(self.provider.token_url)
+        self._client_auth(form, headers, url)
+        self._oauth_extras(form)
         token = await self._request(step, url, form, headers, current)
         return replace(token, refresh_token=None), step
 
@@ -357,16 +380,17 @@ class PasswordGrant(_HttpGrant):
         password = p.password.get_secret_value() if p.password is not None else ""
         form = {"grant_type": "password", "username": p.username or "", "password": password}
         headers: dict[str, str] = {}
-        self._client_auth(form, headers)
+        url = _url(p.token_url)
+        self._client_auth(form, headers, url)
         self._oauth_extras(form)
-        return await self._request("login", _url(p.token_url), form, headers, current)
+        return await self._request("login", url, form, headers, current)
 
     async def _refresh(self, current: Token, refresh_token: str) -> Token:
         p = self.provider
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         headers: dict[str, str] = {}
-        self._client_auth(form, headers)
         url = _url(p.refresh_url or p.token_url)
+        self._client_auth(form, headers, url)
         return await self._request("refresh", url, form, headers, current)
 
 
