@@ -91,6 +91,15 @@ class Runtime:
     reloader: Callable[[], Awaitable[Loaded]] | None = None
     registry_factory: RegistryFactory | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _background: set[asyncio.Future[None]] = field(default_factory=set)
+
+    def discover(self) -> None:
+        """Read the issuers' discovery documents in the background (start, reload): a slow
+        IdP must not hold up either, and a request that needs one waits for the same read."""
+        assert self.generation is not None
+        task = asyncio.ensure_future(self.generation.registry.refresh_discovery())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def build(self, loaded: Loaded, previous: TokenRegistry | None) -> Generation:
         """The generation for ``loaded``; any failure is a ConfigError naming the file, so
@@ -137,6 +146,7 @@ class Runtime:
             gen = self.build(loaded, self.generation.registry)
             self.generation = gen
             self.loaded = loaded
+            self.discover()
             return gen
 
 
@@ -260,6 +270,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await _close(rt)
         raise
     rt.observer.set_token_states(lambda: _token_states(rt))
+    rt.discover()
     for where in _insecure_tls(config):
         rt.observer.warning("TLS verification disabled (insecure_skip_verify)", **where)
     gc.freeze()  # what start-up made lives on: the collector need not walk it again and again
@@ -271,6 +282,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _close(rt: Runtime) -> None:
     rt.draining = True
+    for task in list(rt._background):
+        task.cancel()
     if rt.generation is not None:
         await rt.generation.registry.aclose()
     if rt.forwarder is not None:

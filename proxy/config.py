@@ -178,7 +178,9 @@ class Provider(Model):
     optional: bool = False
     grant: Grant
     token_url: str | None = None
+    issuer: str | None = None
     refresh_url: str | None = None
+    allow_plain_http: bool = False
     client_id: str | None = None
     client_secret: Secret | None = None
     client_auth: ClientAuth = "basic"
@@ -201,7 +203,7 @@ class Provider(Model):
     timeout: Timeout = Timeout(connect=5.0, read=15.0)
     tls: TLS = TLS()
 
-    @field_validator("token_url", "refresh_url")
+    @field_validator("token_url", "refresh_url", "issuer")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         return None if v is None else _check_url(v, what="token endpoint")
@@ -215,6 +217,8 @@ class Provider(Model):
             "static": ("token",),
         }
         needed = need[self.grant]
+        if self.issuer is not None and self.grant in ("client_credentials", "password"):
+            needed = tuple(k for k in needed if k != "token_url")  # discovery gives it
         if self.client_auth in NO_SECRET_AUTH:
             needed = tuple(k for k in needed if k != "client_secret")
         missing = [k for k in needed if getattr(self, k) is None]
@@ -223,7 +227,20 @@ class Provider(Model):
         if self.client_auth == "basic_raw" and ":" in (self.client_id or ""):
             raise ValueError("client_auth basic_raw cannot send a client_id holding ':'")
         self._client_auth_fields()
+        self._issuer_fields()
         return self
+
+    def _issuer_fields(self) -> None:
+        if self.issuer is None:
+            return
+        if self.token_url is not None:
+            raise _KeyedError(("issuer",), "give token_url or issuer (discovery), not both")
+        if plain_remote(self.issuer) and not self.allow_plain_http:
+            raise _KeyedError(
+                ("issuer",),
+                f"plain http to {URL(self.issuer).host} would send client credentials in "
+                "clear; use https or set allow_plain_http: true",
+            )
 
     def _client_auth_fields(self) -> None:
         """What each OIDC Core §9 / RFC 8705 method needs, refused at its key."""
@@ -426,7 +443,7 @@ class Config(Model):
                 raise _KeyedError(
                     ("routes", i, "provider"), f"provider {r.provider!r} is not defined"
                 )
-            if r.provider is not None and not r.allow_plain_http and _plain_remote(r.upstream):
+            if r.provider is not None and not r.allow_plain_http and plain_remote(r.upstream):
                 raise _KeyedError(
                     ("routes", i, "upstream"),
                     f"route {r.prefix} would send the {r.provider} token over plain HTTP to "
@@ -453,7 +470,7 @@ def _check_clients(clients: list[Client], prefixes: set[str]) -> None:
                 )
 
 
-def _plain_remote(url: str) -> bool:
+def plain_remote(url: str) -> bool:
     """An http:// URL to a host that is not loopback: a token sent there crosses a network."""
     u = URL(url)
     return u.scheme == "http" and not is_loopback(u.host or "")

@@ -218,7 +218,9 @@ def stream_logger(fmt: str, stream: TextIO, level: int = logging.INFO) -> Any:
     )
 
 
-_WARNING_EVENTS = frozenset({"refresh_refused_login", "cooldown_entered"})
+_WARNING_EVENTS = frozenset(
+    {"refresh_refused_login", "cooldown_entered", "discovery_failed", "client_auth_not_listed"}
+)
 
 
 def log_token_event(event: str, fields: Mapping[str, object], logger: Any = None) -> None:

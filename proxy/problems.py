@@ -6,12 +6,28 @@ they happen; everything above only sees ``ProxyError`` subclasses.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
 
 PROBLEM_TYPE_BASE = "https://tokenrelay.dev/problems/"
+
+
+def os_reason(err: OSError) -> str:
+    """What a failed connect says to a person ("connection refused"), not asyncio's text
+    ("Connect call failed ('10.0.0.5', 443)") or a class name."""
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    if isinstance(err, socket.gaierror):
+        return "host name not resolved"
+    if err.errno:
+        return os.strerror(err.errno).lower()
+    return str(err) or type(err).__name__
 
 
 class ConfigError(Exception):

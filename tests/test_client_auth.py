@@ -279,3 +279,124 @@ async def test_an_assertion_echoed_by_the_idp_never_reaches_logs_problems_or_tok
         for part in assertion.split("."):
             for text in (problem, page, proxy.log_text()):
                 assert part not in text
+
+
+# -- OpenID discovery --------------------------------------------------------------------------
+
+
+async def test_issuer_discovery_finds_the_token_endpoint_of_a_real_openid_provider(
+    tmp_path: Path, start_proxy: StartProxy, echo: tuple[Echo, URL], client: aiohttp.ClientSession
+) -> None:
+    e, up = echo
+    registered = cc_client("disc", "client_secret_post", client_secret=SECRET_JWT_SECRET)
+    async with oidc_provider(tmp_path, [registered]) as op:
+        provider = {
+            "grant": "client_credentials",
+            "issuer": op.issuer,
+            "allow_plain_http": False,  # loopback: allowed without it
+            "client_id": "disc",
+            "client_secret": SECRET_JWT_SECRET,
+            "client_auth": "body",
+        }
+        proxy = await start_proxy(route_config(up, provider))
+        await bearer_through(client, proxy.url, e)
+        assert (await op.next_event())["method"] == "client_secret_post"
+        assert "client_auth_not_listed" not in proxy.log_text()
+
+
+class FakeIdP:
+    """A discovery document and a token endpoint that a test can break and mend."""
+
+    def __init__(self, methods: list[str]) -> None:
+        self.methods = methods
+        self.broken = False
+        self.reads = 0
+        self.base = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self.document)
+        app.router.add_post("/oauth/token", self.token)
+        return app
+
+    async def document(self, request: web.Request) -> web.Response:
+        self.reads += 1
+        if self.broken:
+            return web.Response(status=500)
+        doc = {
+            "issuer": self.base,
+            "token_endpoint": f"{self.base}/oauth/token",
+            "token_endpoint_auth_methods_supported": self.methods,
+        }
+        return web.json_response(doc)
+
+    async def token(self, request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "at-1", "token_type": "Bearer", "expires_in": 60})
+
+
+async def test_a_client_auth_the_idp_does_not_list_is_a_warning_and_the_last_good_document_is_kept(
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    echo: tuple[Echo, URL],
+    client: aiohttp.ClientSession,
+) -> None:
+    idp = FakeIdP(["private_key_jwt"])
+    idp.base = str(await start_upstream(idp.app()))
+    e, up = echo
+    provider = {"grant": "client_credentials", "issuer": idp.base, "client_id": "c"}
+    config = route_config(up, provider | {"client_secret": "s"})
+    proxy = await start_proxy(config)
+    await bearer_through(client, proxy.url, e)
+    assert '"event":"client_auth_not_listed"' in proxy.log_text()
+    assert "lists private_key_jwt and not client_secret_basic" in proxy.log_text()
+    idp.broken = True
+    rt = proxy.runtime
+    loaded = rt.loaded
+
+    async def same() -> Any:
+        return loaded
+
+    rt.reloader = same
+    await rt.reload()
+    assert rt.generation is not None
+    await rt.generation.registry.refresh_discovery()
+    assert '"kept_last_good":true' in proxy.log_text()
+    async with client.post(proxy.url / "-" / "tokens" / "idp" / "renew") as resp:
+        assert resp.status == 200  # the last good document still names the endpoint
+
+
+async def test_an_unreachable_discovery_document_fails_only_that_providers_routes(
+    start_proxy: StartProxy, echo: tuple[Echo, URL], client: aiohttp.ClientSession
+) -> None:
+    from tests.oidc_provider import free_port
+
+    _, up = echo
+    port = free_port()
+    provider = {
+        "grant": "client_credentials",
+        "issuer": f"http://127.0.0.1:{port}",
+        "client_id": "c",
+        "client_secret": "s",
+    }
+    config = route_config(up, provider) + f"  - {{prefix: /open/, upstream: '{up}/'}}\n"
+    proxy = await start_proxy(config)
+    async with client.get(proxy.url / "api" / "x") as resp:
+        body = await resp.json()
+        assert resp.status == 503
+    assert body["provider"] == "idp", body
+    assert f"connect to 127.0.0.1:{port}: connection refused" in body["detail"]
+    assert "/.well-known/openid-configuration" in body["detail"]
+    async with client.get(proxy.url / "open" / "x") as resp:
+        assert resp.status == 200
+
+
+def test_issuer_and_token_url_together_are_refused(tmp_path: Path) -> None:
+    err = refused(tmp_path, issuer="https://idp.example", client_secret="s")
+    assert err.path == "providers.p.issuer" and "not both" in err.problem
+    text = (
+        "providers:\n  p: {grant: client_credentials, issuer: 'http://idp.example', "
+        "client_id: c, client_secret: s}\n"
+    )
+    with pytest.raises(ConfigError) as e2:
+        parse_config(text, "routes.yaml", {}, tmp_path)
+    assert e2.value.path == "providers.p.issuer" and "in clear" in e2.value.problem

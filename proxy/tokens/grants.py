@@ -29,6 +29,7 @@ from proxy.problems import TokenError
 from proxy.signing_keys import load_signing_key
 from proxy.tls import client_ssl, server_hostname
 from proxy.tokens.assertions import ASSERTION_METHODS, ASSERTION_TYPE, client_assertion
+from proxy.tokens.discovery import Discovery
 from proxy.tokens.source import Clock, Token
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -151,8 +152,10 @@ def make_grant(
     *,
     clock: Clock,
     on_event: EventSink | None = None,
+    discovery: Discovery | None = None,
 ) -> Grant:
-    """The grant class for ``provider.grant``."""
+    """The grant class for ``provider.grant``; ``discovery`` gives the token endpoint of a
+    provider configured with ``issuer``."""
     if provider.grant == "static":
         return StaticGrant(provider, clock=clock)
     kinds: dict[str, Callable[..., Grant]] = {
@@ -160,7 +163,8 @@ def make_grant(
         "password": PasswordGrant,
         "simacan": SimacanGrant,
     }
-    return kinds[provider.grant](provider, session, clock=clock, on_event=on_event)
+    grant = kinds[provider.grant]
+    return grant(provider, session, clock=clock, on_event=on_event, discovery=discovery)
 
 
 class StaticGrant:
@@ -187,8 +191,10 @@ class _HttpGrant:
         *,
         clock: Clock,
         on_event: EventSink | None = None,
+        discovery: Discovery | None = None,
     ) -> None:
         self.provider = provider
+        self._discovery = discovery
         self._session = session
         self._clock = clock
         self._on_event = on_event
@@ -237,6 +243,12 @@ class _HttpGrant:
         else:
             pair = f"{quote_plus(p.client_id, safe='')}:{quote_plus(secret, safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+    async def _token_url(self) -> str:
+        """``token_url``, or what the issuer's discovery document names."""
+        if self._discovery is not None:
+            return await self._discovery.token_endpoint()
+        return _url(self.provider.token_url)
 
     def _assertion(self, client_id: str, url: str) -> str:
         p = self.provider
@@ -354,7 +366,7 @@ class ClientCredentialsGrant(_HttpGrant):
         step = "client_credentials"
         form = {"grant_type": "client_credentials"}
         headers: dict[str, str] = {}
-        url = _url(self.provider.token_url)
+        url = await self._token_url()
         self._client_auth(form, headers, url)
         self._oauth_extras(form)
         token = await self._request(step, url, form, headers, current)
@@ -380,7 +392,7 @@ class PasswordGrant(_HttpGrant):
         password = p.password.get_secret_value() if p.password is not None else ""
         form = {"grant_type": "password", "username": p.username or "", "password": password}
         headers: dict[str, str] = {}
-        url = _url(p.token_url)
+        url = await self._token_url()
         self._client_auth(form, headers, url)
         self._oauth_extras(form)
         return await self._request("login", url, form, headers, current)
@@ -389,7 +401,7 @@ class PasswordGrant(_HttpGrant):
         p = self.provider
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         headers: dict[str, str] = {}
-        url = _url(p.refresh_url or p.token_url)
+        url = _url(p.refresh_url) if p.refresh_url else await self._token_url()
         self._client_auth(form, headers, url)
         return await self._request("refresh", url, form, headers, current)
 

@@ -11,6 +11,7 @@ import aiohttp
 
 from proxy.config import Provider
 from proxy.tokens.cache import CachedTokenSource, Sleep
+from proxy.tokens.discovery import Discovery
 from proxy.tokens.grants import EventSink, make_grant
 from proxy.tokens.source import Clock, system_clock
 
@@ -27,18 +28,22 @@ class TokenRegistry:
         on_event: EventSink | None = None,
         sleep: Sleep = asyncio.sleep,
         _keep: Mapping[str, tuple[str, CachedTokenSource]] | None = None,
+        _discoveries: Mapping[str, Discovery] | None = None,
     ) -> None:
         self._session = session
         self._clock = clock
         self._on_event = on_event
         self._sleep = sleep
         self._fingerprints: dict[str, str] = {}
+        self._known = dict(_discoveries or {})  # by what a document depends on: kept if equal
+        self.discoveries: dict[str, Discovery] = {}
         self.sources: dict[str, CachedTokenSource] = {}
         for name, provider in providers.items():
             fingerprint = _fingerprint(provider)
             kept = (_keep or {}).get(name)
             if kept is not None and kept[0] == fingerprint:
                 source = kept[1]
+                self._discovery(provider)  # the one its grant holds, found by its key
             else:
                 source = self._build(name, provider)
             self.sources[name] = source
@@ -61,7 +66,13 @@ class TokenRegistry:
             on_event=self._on_event,
             sleep=self._sleep,
             _keep=keep,
+            _discoveries=self.discoveries,
         )
+
+    async def refresh_discovery(self) -> None:
+        """Read every issuer's discovery document again (start, reload); failures keep the
+        last good document and are logged by each ``Discovery``."""
+        await asyncio.gather(*(d.refresh() for d in self.discoveries.values()))
 
     def retired(self, successor: TokenRegistry) -> list[CachedTokenSource]:
         """This registry's sources that ``successor`` no longer uses."""
@@ -76,8 +87,22 @@ class TokenRegistry:
         for source in self.sources.values():
             await source.aclose()
 
+    def _discovery(self, provider: Provider) -> Discovery | None:
+        if provider.issuer is None:
+            return None
+        key = repr((provider.issuer, provider.tls, provider.timeout, provider.client_auth))
+        found = self._known.get(key) or Discovery(provider, self._session, self._on_event)
+        self.discoveries[key] = found
+        return found
+
     def _build(self, name: str, provider: Provider) -> CachedTokenSource:
-        grant = make_grant(provider, self._session, clock=self._clock, on_event=self._on_event)
+        grant = make_grant(
+            provider,
+            self._session,
+            clock=self._clock,
+            on_event=self._on_event,
+            discovery=self._discovery(provider),
+        )
         return CachedTokenSource(
             name,
             grant,
