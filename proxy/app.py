@@ -183,6 +183,16 @@ async def reload_and_report(rt: Runtime) -> Generation:
     return gen
 
 
+async def reload_on_file_change(rt: Runtime, changed: list[str]) -> None:
+    """A secret or key file rotated on disk: reload as SIGHUP would; a file that is gone or
+    unreadable fails the reload, which keeps the running config and says so."""
+    for key in changed:
+        log.warning("secret file changed, reloading", key_path=key, config=rt.loaded.path)
+        rt.observer.metrics.file_changed()
+    with contextlib.suppress(ConfigInvalid):
+        await reload_and_report(rt)
+
+
 def _route_runtime(route: Route, loaded: Loaded, registry: TokenRegistry) -> RouteRuntime:
     up = URL(route.upstream)
     drop = {route.key_header} if loaded.config.clients else set()

@@ -27,9 +27,11 @@ from proxy.app import (
     create_app,
     make_token_session,
     reload_and_report,
+    reload_on_file_change,
     start_runner,
 )
 from proxy.config import Config, Listen, Loaded, load_config
+from proxy.filewatch import watch as watch_files
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, ConfigInvalid, TokenError
 from proxy.startonly import check_exposure
@@ -253,6 +255,8 @@ class Serving:
     """Stops serving when it returns, as SIGTERM would: a worker's parent gone."""
     fields: Mapping[str, object] = field(default_factory=dict)
     """Added to the "shutting down" and "stopped" lines: which worker."""
+    watch_files: bool = True
+    """Reload when a secret or key file changes (a worker's parent does it for all)."""
 
 
 async def serve_app(
@@ -270,11 +274,17 @@ async def serve_app(
     watch = asyncio.ensure_future(how.until()) if how.until is not None else None
     if watch is not None:
         watch.add_done_callback(lambda _: stop.set())
+    rt = app[RUNTIME]
+    files = None
+    if how.watch_files:
+        changed = functools.partial(reload_on_file_change, rt)
+        files = asyncio.ensure_future(watch_files(lambda: rt.loaded.secret_files, changed))
     if ready is not None:
         ready.set()
     await stop.wait()
-    if watch is not None:
-        watch.cancel()
+    for task in (watch, files):
+        if task is not None:
+            task.cancel()
     log.info("shutting down", **how.fields, grace_seconds=cfg.shutdown_grace)
     app[RUNTIME].draining = True
     for runner in reversed(runners):

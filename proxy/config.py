@@ -496,6 +496,8 @@ class Loaded:
     path: str
     inactive_providers: dict[str, list[str]] = field(default_factory=dict)
     restart_needed: list[str] = field(default_factory=list)
+    secret_files: dict[str, Path] = field(default_factory=dict)
+    """Files a secret or a provider's key was read from, by key path: watched for rotation."""
     """Start-only keys this load changes that the running process kept (see startonly)."""
 
     def route_waits_for(self, route: Route) -> list[str]:
@@ -538,35 +540,44 @@ def _interpolate(value: str, loc: tuple[str | int, ...], env: Mapping[str, str])
 
 
 def _resolve(
-    node: Any, loc: tuple[str | int, ...], env: Mapping[str, str], base: Path, file: str
+    node: Any,
+    loc: tuple[str | int, ...],
+    env: Mapping[str, str],
+    base: Path,
+    file: str,
+    read: dict[str, Path],
 ) -> Any:
-    """Interpolate variables and read ``*_file`` keys, depth first."""
+    """Interpolate variables and read ``*_file`` keys, depth first; ``read`` collects the
+    files read, by key path, for the watch that picks up a rotated secret."""
     if isinstance(node, str):
         return _interpolate(node, loc, env)
     if isinstance(node, list):
-        return [_resolve(v, (*loc, i), env, base, file) for i, v in enumerate(node)]
+        return [_resolve(v, (*loc, i), env, base, file, read) for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
     for k, v in node.items():
         if not isinstance(k, str):
             raise ConfigError(file, format_path(loc), f"key {k!r} must be a string")
-        val = _resolve(v, (*loc, k), env, base, file)
+        val = _resolve(v, (*loc, k), env, base, file, read)
         if k.endswith("_file") and k[: -len("_file")] in SECRET_KEYS:
             target = k[: -len("_file")]
             if target in node:
                 raise ConfigError(file, format_path((*loc, k)), f"give {target} or {k}, not both")
-            out[target] = _read_secret_file(val, base, file, (*loc, k))
+            out[target] = _read_secret_file(val, base, file, (*loc, k), read)
         else:
             out[k] = val
     return out
 
 
-def _read_secret_file(val: Any, base: Path, file: str, loc: tuple[str | int, ...]) -> str:
+def _read_secret_file(
+    val: Any, base: Path, file: str, loc: tuple[str | int, ...], read: dict[str, Path]
+) -> str:
     if not isinstance(val, str):
         raise ConfigError(file, format_path(loc), "must be a file path")
     p = Path(val)
     p = p if p.is_absolute() else base / p
+    read[format_path(loc)] = p
     try:
         return p.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
@@ -574,7 +585,7 @@ def _read_secret_file(val: Any, base: Path, file: str, loc: tuple[str | int, ...
 
 
 def _resolve_providers(
-    raw: dict[str, Any], env: Mapping[str, str], base: Path, file: str
+    raw: dict[str, Any], env: Mapping[str, str], base: Path, file: str, read: dict[str, Path]
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Providers marked ``optional`` whose variables are unset become inactive, not errors."""
     from proxy.presets import apply_preset
@@ -593,7 +604,7 @@ def _resolve_providers(
             inactive[str(name)] = missing
             continue
         try:
-            data = _resolve(body, loc, env, base, file)
+            data = _resolve(body, loc, env, base, file, read)
         except _Unset as exc:
             raise ConfigError(
                 file, format_path(exc.loc), f"environment variable {exc.var} is not set"
@@ -645,10 +656,11 @@ def parse_config(
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(file, "", "top level must be a mapping")
-    providers, inactive = _resolve_providers(raw, env, base, file)
+    read: dict[str, Path] = {}
+    providers, inactive = _resolve_providers(raw, env, base, file, read)
     rest = {k: v for k, v in raw.items() if k != "providers"}
     try:
-        data = _resolve(rest, (), env, base, file)
+        data = _resolve(rest, (), env, base, file, read)
     except _Unset as exc:
         raise ConfigError(
             file, format_path(exc.loc), f"environment variable {exc.var} is not set"
@@ -660,7 +672,22 @@ def parse_config(
         (where, msg), *others = [_described(err) for err in exc.errors()]
         also = "".join(f"\n  and {p or 'top level'}: {m}" for p, m in others)
         raise ConfigError(file, where, msg + also) from None
-    return Loaded(config=config, path=file, inactive_providers=inactive)
+    read.update(_provider_files(config))
+    return Loaded(config=config, path=file, inactive_providers=inactive, secret_files=read)
+
+
+def _provider_files(config: Config) -> dict[str, Path]:
+    """Key files and TLS files of providers: what determines their tokens, by key path."""
+    out: dict[str, Path] = {}
+    for name, p in config.providers.items():
+        tls = {f"tls.{k}": getattr(p.tls, k) for k in _TLS_FILES}
+        for key, path in {"private_key_file": p.private_key_file, **tls}.items():
+            if path is not None:
+                out[format_path(("providers", name, *key.split(".")))] = Path(path)
+    return out
+
+
+_TLS_FILES = ("ca_file", "client_cert_file", "client_key_file")
 
 
 def _described(err: Any) -> tuple[str, str]:

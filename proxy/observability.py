@@ -378,6 +378,7 @@ class Metrics:
         self._requests: dict[tuple[str, str, int], int] = {}
         self._token_requests: dict[tuple[str, str, str], int] = {}
         self._reloads = {"success": 0, "error": 0}
+        self._file_changes = 0
         self._token_states: TokenStates | None = None
         self.in_flight_now = 0
         self.registry.register(self)
@@ -438,6 +439,10 @@ class Metrics:
     def config_reloaded(self, ok: bool) -> None:
         self._reloads["success" if ok else "error"] += 1
 
+    def file_changed(self) -> None:
+        """A watched secret or key file changed on disk (each one starts a reload)."""
+        self._file_changes += 1
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -458,6 +463,11 @@ class Metrics:
         for outcome, n in self._reloads.items():
             reloads.add_metric([outcome], n)
         yield reloads
+        yield CounterMetricFamily(
+            "tokenrelay_secret_file_changes",
+            "Secret, key and certificate files of providers seen changed on disk",
+            value=self._file_changes,
+        )
 
     def _request_families(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

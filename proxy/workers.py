@@ -38,6 +38,7 @@ from proxy.cli import (
     spawn,
 )
 from proxy.config import Listen, Loaded, Provider
+from proxy.filewatch import watch as watch_files
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, TokenError
 from proxy.startonly import check_exposure, keep_running, restart_needed
@@ -121,6 +122,12 @@ class Supervisor:
             log.info("reloaded", providers=sorted(loaded.config.providers), workers=len(self.procs))
             return None
 
+    async def files_changed(self, changed: list[str]) -> None:
+        """A provider's secret or key file rotated: reload everyone, as SIGHUP does."""
+        for key in changed:
+            log.warning("secret file changed, reloading", key_path=key, config=self.path)
+        await self.reload()
+
     async def keep_running(self, index: int) -> None:
         """Restart a worker that dies; quickly repeated deaths back off up to 30 s."""
         loop, crashes = asyncio.get_running_loop(), 0
@@ -199,7 +206,11 @@ async def supervise(
         log.info(
             "started workers", workers=workers, port=int(ports[0]), broker=str(sock_path), **admin
         )
+        files = asyncio.ensure_future(
+            watch_files(lambda: sup.loaded.secret_files, sup.files_changed)
+        )
         await _until_stopped(sup)
+        files.cancel()
         log.info("shutting down", grace_seconds=cfg.shutdown_grace, workers=workers)
         await sup.stop(sup.loaded.config.shutdown_grace)
         for task in tasks:
@@ -364,6 +375,7 @@ async def _worker(args: argparse.Namespace, loaded: Loaded) -> int:
         on_response=_tag(str(args.index)),
         until=_parent_gone,
         fields={"worker": args.index},
+        watch_files=False,  # the parent watches, reloads, and signals us
     )
     return await serve_app(loaded, args.log_format, how)
 
