@@ -197,7 +197,11 @@ async def _probe_token(config: Config, provider: str) -> int:
                 print(f"tokenrelay: {provider}: the IdP said: {err.vendor_detail}", file=sys.stderr)
             return 1
     left = token.expires_at - system_clock()
+    p = config.providers[provider]
     print(f"provider:   {provider}")
+    print(f"grant:      {p.grant}")
+    if p.grant != "static":
+        print(f"client_auth: {p.client_auth}" + (f" (issuer {p.issuer})" if p.issuer else ""))
     print(f"token_type: {token.token_type}")
     print(f"scope:      {token.scope or '-'}")
     print(f"expires_in: {left:.0f} s")

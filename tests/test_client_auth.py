@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -400,3 +401,107 @@ def test_issuer_and_token_url_together_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e2:
         parse_config(text, "routes.yaml", {}, tmp_path)
     assert e2.value.path == "providers.p.issuer" and "in clear" in e2.value.problem
+
+
+async def test_a_wrong_key_is_a_502_naming_the_provider_and_invalid_client_then_cools_down(
+    tmp_path: Path, start_proxy: StartProxy, echo: tuple[Echo, URL], client: aiohttp.ClientSession
+) -> None:
+    _, up = echo
+    registered_key = rsa.generate_private_key(65537, 2048)
+    other = write_key(tmp_path, rsa.generate_private_key(65537, 2048), "other.pem")
+    registered = cc_client("w", "private_key_jwt", jwks={"keys": [public_jwk(registered_key, "k")]})
+    async with oidc_provider(tmp_path, [registered]) as op:
+        provider = {
+            "grant": "client_credentials",
+            "token_url": op.token_url,
+            "client_id": "w",
+            "client_auth": "private_key_jwt",
+            "private_key_file": str(other),
+        }
+        proxy = await start_proxy(route_config(up, provider))
+        async with client.get(proxy.url / "api" / "x") as resp:
+            body = await resp.json()
+            assert resp.status == 502
+        assert body["provider"] == "idp" and body["provider_error"] == "invalid_client"
+        for _ in range(2):  # cooling down: answered at once, the IdP is left alone
+            async with client.get(proxy.url / "api" / "x") as resp:
+                assert resp.status == 503 and "Retry-After" in resp.headers
+                assert (await resp.json())["provider"] == "idp"
+        assert (await op.next_event())["event"] == "grant.error"
+        assert [e["event"] for e in op.events].count("grant.error") == 1  # the cool-down
+
+
+async def test_a_rotated_key_file_is_used_on_the_next_token_request(
+    tmp_path: Path, start_proxy: StartProxy, echo: tuple[Echo, URL], client: aiohttp.ClientSession
+) -> None:
+    from proxy.app import reload_on_file_change
+
+    e, up = echo
+    old, new = rsa.generate_private_key(65537, 2048), rsa.generate_private_key(65537, 2048)
+    jwks = {"keys": [public_jwk(old, "old"), public_jwk(new, "new")]}
+    async with oidc_provider(tmp_path, [cc_client("rot", "private_key_jwt", jwks=jwks)]) as op:
+        key = write_key(tmp_path, old, "client.pem")
+        provider = {
+            "grant": "client_credentials",
+            "token_url": op.token_url,
+            "client_id": "rot",
+            "client_auth": "private_key_jwt",
+            "private_key_file": str(key),
+        }
+        text = route_config(up, provider)
+        cfg = tmp_path / "routes.yaml"
+        cfg.write_text(text)
+        proxy = await start_proxy(text)
+        rt = proxy.runtime
+        from proxy.cli import _load_for_run
+
+        rt.reloader = lambda: asyncio.to_thread(_load_for_run, str(cfg), None, None)
+        first = await bearer_through(client, proxy.url, e)
+        await op.next_event()
+        write_key(tmp_path, new, "client.pem")
+        await reload_on_file_change(rt, ["providers.idp.private_key_file"])
+        assert await bearer_through(client, proxy.url, e) != first  # a new key: a new token
+        assert (await op.next_event())["event"] == "grant.success"
+
+
+async def test_token_command_says_which_method_it_used(tmp_path: Path) -> None:
+    import sys
+
+    key = rsa.generate_private_key(65537, 2048)
+    registered = cc_client("cli", "private_key_jwt", jwks={"keys": [public_jwk(key, "k")]})
+    async with oidc_provider(tmp_path, [registered]) as op:
+        provider = {
+            "grant": "client_credentials",
+            "issuer": op.issuer,
+            "client_id": "cli",
+            "client_auth": "private_key_jwt",
+            "private_key_file": str(write_key(tmp_path, key, "k.pem")),
+        }
+        cfg = tmp_path / "routes.yaml"
+        cfg.write_text(f"providers:\n  idp: {json.dumps(provider)}\n")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "token", "idp", "--config", str(cfg),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode() + err.decode()
+    assert proc.returncode == 0, text
+    assert f"client_auth: private_key_jwt (issuer {op.issuer})" in text
+    assert "BEGIN" not in text and "eyJ" not in text
+
+
+def test_check_refuses_a_key_it_cannot_sign_with(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    key = write_key(tmp_path, ec.generate_private_key(ec.SECP256R1()), "ec.pem")
+    cfg = tmp_path / "routes.yaml"
+    cfg.write_text(provider_cfg(tmp_path, client_auth="private_key_jwt", private_key_file=str(key),
+                                signing_alg="PS256"))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--config", str(cfg)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "providers.p.private_key_file: signing_alg PS256 does not sign" in out.stderr
+    assert "PRIVATE KEY" not in out.stderr + out.stdout
