@@ -32,7 +32,11 @@ from proxy.forward.headers import parse_networks
 from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
 from proxy.forward.transport import Client
-from proxy.forward.websocket import is_websocket_upgrade, proxy_websocket
+from proxy.forward.websocket import (
+    is_websocket_upgrade,
+    no_handshake_redirects,
+    proxy_websocket,
+)
 from proxy.guard import GuardedSite
 from proxy.observability import Observer, request_id_from
 from proxy.problems import (
@@ -223,6 +227,7 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         max_line_size=config.limits.max_line_size,
         max_field_size=config.limits.max_field_size,
         max_headers=config.limits.max_headers,
+        middlewares=(no_handshake_redirects,),
     )
 
 
@@ -532,7 +537,7 @@ async def _proxy(
             f"set {', '.join(route.waits_for)}"
         )
     if is_websocket_upgrade(request):
-        if not route.config.websocket:
+        if not route.config.websocket.enabled:
             raise BadRequest("WebSocket upgrades are off on this route")
         return await proxy_websocket(request, rt.session, route, remainder, target.query, ex)
     down = AiohttpDownstream(request)
