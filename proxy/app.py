@@ -29,6 +29,7 @@ from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
 from proxy.forward.headers import parse_networks
+from proxy.forward.methods import refuse_method
 from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
 from proxy.forward.transport import Client
@@ -443,6 +444,7 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
 def _admit(gen: Generation, route: RouteRuntime, headers: Mapping[str, str], ex: Exchange) -> None:
     """Record the route and let the client's key through, or raise: both servers' step."""
     ex.route, ex.provider = route.prefix, route.provider
+    refuse_method(ex.method, has_provider=bool(route.provider))
     ex.client_id = gen.access.check(headers, route.prefix, route.config.key_header)
 
 
