@@ -29,7 +29,7 @@ from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
 from proxy.forward.headers import parse_networks
-from proxy.forward.methods import refuse_method
+from proxy.forward.methods import TUNNEL, refuse_method
 from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
 from proxy.forward.transport import Client
@@ -412,8 +412,8 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
         except ProxyError as err:
             _failed(ex, err)
             resp = problem_response(err, rid)
-            if isinstance(err, FramingError):
-                return await close_after(request, resp)
+            if isinstance(err, FramingError) or request.method == TUNNEL:  # after CONNECT
+                return await close_after(request, resp)  # come tunnel bytes, not requests
             return resp
         except UpstreamFailed:
             if request.transport is not None:
