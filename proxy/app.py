@@ -29,10 +29,15 @@ from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
 from proxy.forward.headers import parse_networks
+from proxy.forward.methods import TUNNEL, refuse_method
 from proxy.forward.routing import RouteTable, Target
 from proxy.forward.spool import spool_root
 from proxy.forward.transport import Client
-from proxy.forward.websocket import is_websocket_upgrade, proxy_websocket
+from proxy.forward.websocket import (
+    is_websocket_upgrade,
+    no_handshake_redirects,
+    proxy_websocket,
+)
 from proxy.guard import GuardedSite
 from proxy.observability import Observer, request_id_from
 from proxy.problems import (
@@ -251,6 +256,7 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         max_line_size=config.limits.max_line_size,
         max_field_size=config.limits.max_field_size,
         max_headers=config.limits.max_headers,
+        middlewares=(no_handshake_redirects,),
     )
 
 
@@ -437,8 +443,8 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
         except ProxyError as err:
             _failed(ex, err)
             resp = problem_response(err, rid)
-            if isinstance(err, FramingError):
-                return await close_after(request, resp)
+            if isinstance(err, FramingError) or request.method == TUNNEL:  # after CONNECT
+                return await close_after(request, resp)  # come tunnel bytes, not requests
             return resp
         except UpstreamFailed:
             if request.transport is not None:
@@ -469,6 +475,7 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
 def _admit(gen: Generation, route: RouteRuntime, headers: Mapping[str, str], ex: Exchange) -> None:
     """Record the route and let the client's key through, or raise: both servers' step."""
     ex.route, ex.provider = route.prefix, route.provider
+    refuse_method(ex.method, has_provider=bool(route.provider))
     ex.client_id = gen.access.check(headers, route.prefix, route.config.key_header)
 
 
@@ -563,7 +570,7 @@ async def _proxy(
             f"set {', '.join(route.waits_for)}"
         )
     if is_websocket_upgrade(request):
-        if not route.config.websocket:
+        if not route.config.websocket.enabled:
             raise BadRequest("WebSocket upgrades are off on this route")
         return await proxy_websocket(request, rt.session, route, remainder, target.query, ex)
     down = AiohttpDownstream(request)

@@ -135,6 +135,13 @@ class Replay(Model):
     max_body: ByteSize = ByteSize(100 * 1024 * 1024)
 
 
+class WebSocket(Model):
+    """``websocket: true|false`` or the mapping; a bool is ``enabled`` alone."""
+
+    enabled: bool = True
+    max_message: ByteSize = Field(default=ByteSize(4 * 1024 * 1024), gt=0)
+
+
 class ResponseFields(Model):
     """Field names of a non-standard token endpoint's JSON answer."""
 
@@ -300,8 +307,13 @@ class Route(Model):
     tls: TLS = TLS()
     allow_plain_http: bool = False
     max_body: ByteSize | None = None
-    websocket: bool = True
+    websocket: WebSocket = WebSocket()
     key_header: str = "X-Api-Key"
+
+    @field_validator("websocket", mode="before")
+    @classmethod
+    def _websocket(cls, v: object) -> object:
+        return {"enabled": v} if isinstance(v, bool) else v
 
     @field_validator("prefix")
     @classmethod

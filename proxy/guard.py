@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from aiohttp import web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
@@ -65,6 +66,7 @@ class GuardedHandler(RequestHandler):
         self._max_connections = max_connections
         self._observer = observer
         self._head_timer: asyncio.TimerHandle | None = None
+        self._mirror: _UpgradeMirror | None = _UpgradeMirror()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -75,6 +77,19 @@ class GuardedHandler(RequestHandler):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        mirror = self._mirror
+        while mirror is not None and data:
+            end = mirror.feed(data)
+            if mirror.done:
+                self._mirror = mirror = None
+            if end is None:
+                break
+            self._received(data[:end])  # ends at the upgrade request's end: nothing lost
+            data = data[end:]
+        if data:
+            self._received(data)
+
+    def _received(self, data: bytes) -> None:
         super().data_received(data)
         if self._head_parsed():
             self._disarm()
@@ -126,6 +141,50 @@ class GuardedHandler(RequestHandler):
         self._head_timer = None
         if not self._head_parsed() and self.transport is not None:
             self.transport.close()
+
+
+class _UpgradeMirror:
+    """Finds where a request asking for a protocol switch aiohttp does not make (``Upgrade:
+    h2c``) ends. aiohttp's compiled parser stops there and drops the rest of what it was
+    given, so a request pipelined behind would never be answered; fed in two parts, nothing
+    is lost, and the request is served as HTTP/1.1 (``Upgrade`` is hop-by-hop: never
+    forwarded). A second llhttp over the same bytes, on the aiohttp path only; it stops at
+    the first switch aiohttp does make (WebSocket, CONNECT) or head it refuses."""
+
+    __slots__ = ("_done", "_parser", "_upgrade")
+
+    on_url = on_body = on_message_complete = on_headers_complete = None
+    on_chunk_header = on_chunk_complete = None
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._upgrade = b""
+        self._done = False
+
+    def on_message_begin(self) -> None:
+        self._upgrade = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"upgrade":
+            self._upgrade = value.strip().lower()
+
+    def feed(self, data: bytes) -> int | None:
+        """Where in ``data`` a non-tunnelled upgrade request ends; None: nowhere. Stops the
+        mirror (``done``) at a switch aiohttp makes or an error (aiohttp's to answer)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade == b"websocket" or self._parser.get_method() == b"CONNECT":
+                self._done = True
+                return None
+            return int(exc.args[0])
+        except httptools.HttpParserError:
+            self._done = True
+        return None
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
 
 def _closing(resp: web.Response) -> web.Response:

@@ -73,6 +73,14 @@ class NotFound(ProxyError):
     title = "No route for this path"
 
 
+class MethodNotAllowed(ProxyError):
+    """A method the proxy never forwards; ``Allow`` names those it does."""
+
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     slug = "payload-too-large"

@@ -87,7 +87,10 @@ def parse_head(data: bytes, limits: Limits) -> Head | None:
     cb = _HeadParser()
     try:
         cb.parser.feed_data(data)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers those
+    except httptools.HttpParserUpgrade:  # served below only if no protocol switch is asked
+        if not cb.complete or data.startswith(b"CONNECT "):
+            return None
+    except httptools.HttpParserError:  # aiohttp answers those
         return None
     lines = data[:-4].split(b"\r\n")
     first = lines[0].split(b" ")
@@ -104,7 +107,7 @@ def parse_head(data: bytes, limits: Limits) -> Head | None:
     if len(raw) > 1 and _repeats_a_singleton(raw):
         return None
     headers = CIMultiDict([(n.decode(_ENC, _ERR), v.decode(_ENC, _ERR)) for n, v in raw])
-    if "Transfer-Encoding" in headers or "Upgrade" in headers:
+    if "Transfer-Encoding" in headers or _tunnels(headers):
         return None
     version = first[2][5:].decode("ascii")
     length = headers.get("Content-Length")
@@ -127,6 +130,15 @@ def parse_head(data: bytes, limits: Limits) -> Head | None:
 
 
 _ENC, _ERR = "utf-8", "surrogateescape"
+
+
+def _tunnels(headers: CIMultiDict[str]) -> bool:
+    """Whether the request asks for a protocol the proxy tunnels (WebSocket: aiohttp's path).
+    Any other ``Upgrade`` (``h2c``...) is ignored: the request is served as HTTP/1.1, and
+    the header, hop-by-hop, is never forwarded."""
+    return any(v.strip().lower() == "websocket" for v in headers.getall("Upgrade", ()))
+
+
 _SINGLETONS = frozenset(name.encode() for name in SINGLETON_HEADERS)
 
 

@@ -248,7 +248,9 @@ class BrokerClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(self._path))
         try:
-            async with self._session.post(f"http://broker{route}", json=body) as resp:
+            async with self._session.post(
+                f"http://broker{route}", json=body, allow_redirects=False
+            ) as resp:
                 resp.raise_for_status()
                 return await resp.json()
         except (aiohttp.ClientError, ValueError):
