@@ -57,6 +57,14 @@ class NotFound(ProxyError):
     title = "No route for this path"
 
 
+class MethodNotAllowed(ProxyError):
+    """An admin endpoint called with a method it does not take; ``Allow`` lists those."""
+
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed on this endpoint"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     slug = "payload-too-large"
