@@ -31,5 +31,8 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python bench/run.py
 
+docker-test:
+	PYTHON=$(PYTHON) $(SHELL) deploy/docker-test.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

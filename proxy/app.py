@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from proxy.problems import (
     ConfigError,
     ConfigInvalid,
     ExpectationFailed,
+    MethodNotAllowed,
     NotFound,
     ProxyError,
     ServiceUnavailable,
@@ -357,14 +360,16 @@ async def _expect_in_handler(request: web.Request) -> None:
     """The handler answers Expect itself, on the lean server and under the router alike."""
 
 
-async def _expect(request: web.BaseRequest, expect: str) -> None:
-    """What aiohttp's router does for Expect: 100 Continue on HTTP/1.1, 417 for others."""
+def _expect(request: web.BaseRequest, expect: str) -> bool:
+    """Whether to answer 100 Continue, which the downstream does once the body is wanted:
+    a request refused first (413 for a Content-Length above ``max_body``, 401, 404...) is
+    answered without inviting its body. 417 for an expectation other than 100-continue;
+    HTTP/1.0 ignores Expect."""
     if request.version != aiohttp.HttpVersion11:
-        return
+        return False
     if expect.lower() != "100-continue":
         raise ExpectationFailed("the only expectation supported is 100-continue")
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the interim response is not part of the body count
+    return True
 
 
 class _LeanRunner(web.AppRunner):
@@ -426,9 +431,8 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
         ex = Exchange(rid, request.method, "", _peer(request), time.perf_counter())
         rt.observer.metrics.in_flight_now += 1
         try:
-            expect = headers.get("Expect")
-            if expect is not None:  # before anything else, as aiohttp's router does
-                await _expect(request, expect)
+            expect = headers.get("Expect")  # judged first, as aiohttp's router does
+            invite = expect is not None and _expect(request, expect)
             validate_request(request.raw_headers, method=request.method, version=request.version)
             target = Target.parse(request.raw_path)
             ex.path = target.path
@@ -439,7 +443,7 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
                 resp = await _admin(request, rt, rid, on_admin_listener=False)
                 ex.status = resp.status
                 return resp
-            return await _proxy(request, rt, target, ex)
+            return await _proxy(request, rt, target, ex, invite=invite)
         except ProxyError as err:
             _failed(ex, err)
             resp = problem_response(err, rid)
@@ -554,7 +558,7 @@ async def _serve_fast(
 
 
 async def _proxy(
-    request: web.Request, rt: Runtime, target: Target, ex: Exchange
+    request: web.Request, rt: Runtime, target: Target, ex: Exchange, *, invite: bool
 ) -> web.StreamResponse:
     gen, fwd = rt.generation, rt.forwarder
     if gen is None or fwd is None:
@@ -573,7 +577,7 @@ async def _proxy(
         if not route.config.websocket.enabled:
             raise BadRequest("WebSocket upgrades are off on this route")
         return await proxy_websocket(request, rt.session, route, remainder, target.query, ex)
-    down = AiohttpDownstream(request)
+    down = AiohttpDownstream(request, invite=invite)
     await fwd.forward(down, route, remainder, target.query, ex)
     assert down.response is not None
     return down.response
@@ -594,42 +598,113 @@ def _peer(request: web.Request) -> str:
     return request.remote or ""
 
 
-async def _admin(
-    request: web.Request, rt: Runtime, rid: str, *, on_admin_listener: bool
-) -> web.StreamResponse:
-    path = request.path
-    private = on_admin_listener or is_loopback(_peer(request))
-    if path == "/-/health":
-        return web.json_response({"status": "ok"})
-    if path == "/-/ready":
-        ready = rt.generation is not None and rt.session is not None and not rt.draining
-        status = 200 if ready else 503
-        return web.json_response({"status": "ready" if ready else "not ready"}, status=status)
-    if path == "/-/metrics":
-        body, ctype = rt.observer.render()
-        return web.Response(body=body, headers={"Content-Type": ctype})
-    if not private:
-        raise NotFound("admin endpoint is only served to loopback clients")
-    if path == "/-/tokens" and request.method == "GET":
-        return web.json_response(_token_states(rt))
-    if path.startswith("/-/tokens/") and path.endswith("/renew") and request.method == "POST":
-        return await _renew(rt, path.removeprefix("/-/tokens/").removesuffix("/renew"))
-    if path == "/-/reload" and request.method == "POST" and on_admin_listener:
-        gen = await reload_and_report(rt)
-        pending = gen.loaded.restart_needed
-        return web.json_response(
-            {"status": "reloaded", "routes": len(gen.table), "restart_needed": pending}
-        )
-    raise NotFound(f"no admin endpoint {path[:100]}")
+AdminHandler = Callable[[Runtime, web.Request, str], Awaitable[web.StreamResponse]]
 
 
-async def _renew(rt: Runtime, provider: str) -> web.StreamResponse:
+class Reach(enum.Enum):
+    """Who an admin endpoint answers."""
+
+    ANYONE = "anyone"
+    PRIVATE = "loopback or admin listener"
+    ADMIN_LISTENER = "admin listener only"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminEndpoint:
+    """One row of ``ADMIN_ENDPOINTS``: who may call it, with which methods, and what runs."""
+
+    reach: Reach
+    methods: tuple[str, ...]
+    handler: AdminHandler
+
+    @property
+    def allow(self) -> str:
+        """The ``Allow`` header: HEAD goes wherever GET does."""
+        methods = (*self.methods, "HEAD") if "GET" in self.methods else self.methods
+        return ", ".join(methods)
+
+    def takes(self, method: str) -> bool:
+        return method in self.methods or (method == "HEAD" and "GET" in self.methods)
+
+
+async def _health(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def _ready(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    ready = rt.generation is not None and rt.session is not None and not rt.draining
+    status = 200 if ready else 503
+    return web.json_response({"status": "ready" if ready else "not ready"}, status=status)
+
+
+async def _metrics(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    body, ctype = rt.observer.render()
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+async def _tokens(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    return web.json_response(_token_states(rt))
+
+
+async def _renew(rt: Runtime, request: web.Request, provider: str) -> web.StreamResponse:
     gen = rt.generation
     source = gen.registry.sources.get(provider) if gen is not None else None
     if source is None:
         raise NotFound(f"no provider {provider[:100]}")
     await source.renew()
     return web.json_response({provider: source.state()})
+
+
+async def _reload(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    gen = await reload_and_report(rt)
+    pending = gen.loaded.restart_needed
+    return web.json_response(
+        {"status": "reloaded", "routes": len(gen.table), "restart_needed": pending}
+    )
+
+
+ADMIN_ENDPOINTS: dict[str, AdminEndpoint] = {
+    "/-/health": AdminEndpoint(Reach.ANYONE, ("GET",), _health),
+    "/-/ready": AdminEndpoint(Reach.ANYONE, ("GET",), _ready),
+    "/-/metrics": AdminEndpoint(Reach.ANYONE, ("GET",), _metrics),
+    "/-/tokens": AdminEndpoint(Reach.PRIVATE, ("GET",), _tokens),
+    "/-/tokens/{provider}/renew": AdminEndpoint(Reach.PRIVATE, ("POST",), _renew),
+    "/-/reload": AdminEndpoint(Reach.ADMIN_LISTENER, ("POST",), _reload),
+}
+"""Every admin path, once: the README's admin table says the same."""
+_RENEW = re.compile(r"/-/tokens/([^/]+)/renew")
+
+
+def _admin_endpoint(path: str) -> tuple[AdminEndpoint, str] | None:
+    """The endpoint for ``path`` and its argument (the provider of a renew)."""
+    found = ADMIN_ENDPOINTS.get(path)
+    if found is not None:
+        return found, ""
+    renew = _RENEW.fullmatch(path)
+    if renew is None:
+        return None
+    return ADMIN_ENDPOINTS["/-/tokens/{provider}/renew"], renew[1]
+
+
+async def _admin(
+    request: web.Request, rt: Runtime, rid: str, *, on_admin_listener: bool
+) -> web.StreamResponse:
+    """An admin request: 404 for a path this caller may not see, 405 for a wrong method."""
+    path = request.path
+    found = _admin_endpoint(path)
+    if found is None:
+        raise NotFound(f"no admin endpoint {path[:100]}")
+    endpoint, arg = found
+    if endpoint.reach is Reach.ADMIN_LISTENER and not on_admin_listener:
+        raise NotFound(f"{path} is served on the admin listener only")
+    private = on_admin_listener or is_loopback(_peer(request))
+    if endpoint.reach is Reach.PRIVATE and not private:
+        raise NotFound("admin endpoint is only served to loopback clients")
+    if not endpoint.takes(request.method):
+        raise MethodNotAllowed(
+            f"{path[:100]} takes {endpoint.allow}", headers={"Allow": endpoint.allow}
+        )
+    return await endpoint.handler(rt, request, arg)
 
 
 async def start_runner(

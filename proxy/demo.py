@@ -81,6 +81,7 @@ class Counters:
     refreshes: int = 0
     client_credentials: int = 0
     rejected: int = 0
+    uploads_cut: int = 0  # bodies whose sender went away before the end (the proxy cut them)
 
 
 class Vendor:
@@ -289,7 +290,11 @@ async def _echo(request: web.Request) -> web.Response:
     issued = vendor.check(token)
     if isinstance(issued, str):
         return _unauthorized(vendor, issued)
-    length, digest = await _digest_body(request)
+    try:
+        length, digest = await _digest_body(request)
+    except ConnectionError:  # e.g. the proxy cut an upload over max_body: not a vendor crash
+        vendor.counters.uploads_cut += 1
+        return web.Response(status=400, text="upload cut short")  # nobody is left to read it
     raw_path, _, raw_query = request.raw_path.partition("?")
     return web.json_response(
         {

@@ -74,7 +74,8 @@ class NotFound(ProxyError):
 
 
 class MethodNotAllowed(ProxyError):
-    """A method the proxy never forwards; ``Allow`` names those it does."""
+    """A method the proxy never forwards, or one an admin endpoint does not take; ``Allow``
+    lists those it does."""
 
     status = 405
     slug = "method-not-allowed"

@@ -32,6 +32,7 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Limits
+from proxy.forward.downstream import CONTINUE
 from proxy.forward.headers import encode_head
 from proxy.problems import ProxyError, problem_body
 
@@ -295,11 +296,9 @@ class FastProtocol(asyncio.Protocol):
         rest = buf[end + 4 :]
         down = FastDownstream(self, head)
         if head.content_length:
-            self._body = body = _Body(self, head.content_length)
+            self._body = body = _Body(self, head.content_length, invite=head.expect_continue)
             down.body = body
             rest = body.feed(rest) if rest else rest
-            if head.expect_continue and body.left:
-                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._buf = rest
         self._task = self._loop.create_task(serve(down))
         self._task.add_done_callback(self._served)
@@ -479,11 +478,12 @@ class _Body:
     """A Content-Length request body as it arrives: chunks queued for the forwarder
     without copies, the socket paused while too much waits."""
 
-    __slots__ = ("_chunks", "_conn", "_lost", "_paused", "_queued", "_waiter", "left")
+    __slots__ = ("_chunks", "_conn", "_invite", "_lost", "_paused", "_queued", "_waiter", "left")
 
-    def __init__(self, conn: FastProtocol, length: int) -> None:
+    def __init__(self, conn: FastProtocol, length: int, *, invite: bool = False) -> None:
         self._conn = conn
         self.left = length  # bytes still to arrive
+        self._invite = invite  # 100 Continue is owed once the body is waited for
         self._chunks: collections.deque[bytes] = collections.deque()
         self._queued = 0
         self._paused = False  # the socket is not read while too much waits here
@@ -522,6 +522,9 @@ class _Body:
                 return b""
             if self._lost:
                 raise ConnectionResetError("client closed the connection mid-body")
+            if self._invite:  # not before: a request refused first never invites its body
+                self._invite = False
+                self._conn.write(CONTINUE)
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter

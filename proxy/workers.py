@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
@@ -186,7 +188,7 @@ async def supervise(
     """The parent of ``--workers N``: runs until SIGTERM/SIGINT; SIGHUP reloads everyone."""
     cfg = loaded.config
     reserved = [_reserve(cfg.listen)] + ([_reserve(cfg.admin)] if cfg.admin else [])
-    home = Path(tempfile.mkdtemp(prefix="tokenrelay-broker-"))  # mode 0700
+    home = broker_home()
     sock_path = home / "broker.sock"
     ports = [str(s.getsockname()[1]) for s in reserved]
     argv = [sys.executable, "-m", "proxy.workers", "--config", config_path, "--log-format"]
@@ -225,6 +227,49 @@ async def supervise(
         shutil.rmtree(home, ignore_errors=True)
     log.info("stopped")
     return 0
+
+
+BROKER_PREFIX = "tokenrelay-broker-"
+_BROKER_DIR = re.compile(re.escape(BROKER_PREFIX) + r"(\d+)-")
+
+
+def broker_home(root: Path | None = None) -> Path:
+    """A new 0700 directory for the broker socket, named after this process, once the
+    leftovers of parents that died without cleaning up (SIGKILL) are gone."""
+    base = root if root is not None else Path(tempfile.gettempdir())
+    for stale in remove_stale_brokers(base):
+        log.info("removed stale broker directory", path=str(stale))
+    return Path(tempfile.mkdtemp(prefix=f"{BROKER_PREFIX}{os.getpid()}-", dir=base))
+
+
+def remove_stale_brokers(root: Path) -> list[Path]:
+    """Remove broker directories under ``root`` that are ours (this uid, a real directory)
+    and whose parent's pid is gone; a live parent's, another user's and any other name
+    are left alone."""
+    removed = []
+    for path in root.glob(BROKER_PREFIX + "*"):
+        named = _BROKER_DIR.match(path.name)
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if named is None or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        if _alive(int(named[1])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 async def _until_stopped(sup: Supervisor) -> None:

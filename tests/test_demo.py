@@ -6,9 +6,11 @@ import base64
 import hashlib
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +31,7 @@ from proxy.demo import (
     DEMO_CLIENT_SECRET,
     DEMO_PASSWORD,
     DEMO_USERNAME,
+    VENDOR,
     DemoCredentials,
     demo_app,
 )
@@ -259,6 +262,37 @@ async def test_echo_reports_request_and_token_generation(vendor: Client, clock: 
     assert echo["token"]["summary"] == (
         "token #1 (password grant), issued 12 s ago, expires in 48 s"
     )
+
+
+@pytest.mark.parametrize("framing", ["Content-Length: 1000000", "Transfer-Encoding: chunked"])
+def test_upload_cut_short_is_counted_without_a_traceback(
+    framing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a proxy refusing an over-limit upload does to the vendor (as ``make run`` serves
+    it): the sender resets the connection mid-body. The console must not show what looks
+    like a crash."""
+    app = demo_app(60)
+    vendor = demo_run.DemoVendor(app)
+    port = vendor.start()
+    try:
+        form = urllib.parse.urlencode({"username": DEMO_USERNAME, "password": DEMO_PASSWORD})
+        login = urllib.request.Request(f"http://127.0.0.1:{port}/auth/password", form.encode())
+        with urllib.request.urlopen(login, timeout=10) as resp:
+            token = json.load(resp)["access_token"]
+        head = f"POST /api/up HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n"
+        chunk = b"1000\r\n" if "chunked" in framing else b""
+        with caplog.at_level(logging.DEBUG):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(f"{head}{framing}\r\n\r\n".encode() + chunk + b"a" * 4096)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            counters = app[VENDOR].counters
+            deadline = time.monotonic() + 10  # a bound on the wait, not a timing assertion
+            while counters.uploads_cut == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert counters.uploads_cut == 1
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+    finally:
+        vendor.stop()
 
 
 async def test_echo_never_shows_credentials(vendor: Client) -> None:

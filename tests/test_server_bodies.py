@@ -335,6 +335,72 @@ async def test_http10_ignores_expect(echo: tuple[Echo, URL], start_proxy: StartP
     assert_one_length(e, 0, body)
 
 
+CHUNKED_PRIME = req(
+    "/svc/prime", "Transfer-Encoding: chunked\r\n", method="POST", body=b"2\r\nhi\r\n0\r\n\r\n"
+)
+
+
+async def on_path(c: Wire, via: str) -> None:
+    """Put the connection on the chosen server: a chunked request hands it to aiohttp."""
+    if via == "aiohttp":
+        await c.send(CHUNKED_PRIME)
+        assert (await c.answer()).status == 200
+
+
+@pytest.mark.parametrize("via", ["lean", "aiohttp"])
+@pytest.mark.parametrize(
+    ("target", "status"), [("/svc/big", 413), ("/nowhere", 404)], ids=["too-large", "no-route"]
+)
+async def test_a_request_refused_before_its_body_gets_no_100_continue(
+    via: str, target: str, status: int, echo: tuple[Echo, URL], start_proxy: StartProxy
+) -> None:
+    """The proxy knows from the head alone (a Content-Length above max_body, no route) that
+    it refuses: the client is not invited to send a body that would only be thrown away."""
+    e, up = echo
+    proxy = await start_proxy(config(up, "    max_body: 1KiB\n"))
+    async with connect(proxy.port) as c:
+        await on_path(c, via)
+        head = f"Content-Length: {10 * MIB}\r\nExpect: 100-continue\r\n"
+        await c.send(req(target, head, method="PUT"))  # and waits, as curl does
+        refused = await c.answer("PUT")  # the first answer: a 100 here would fail
+    assert_problem(refused, status)
+    assert [s.raw_path for s in e.seen] == (["/base/prime"] if via == "aiohttp" else [])
+
+
+@pytest.mark.parametrize("via", ["lean", "aiohttp"])
+async def test_first_bytes_after_an_oversized_expect_head_are_the_413(
+    via: str, echo: tuple[Echo, URL], start_proxy: StartProxy
+) -> None:
+    _, up = echo
+    proxy = await start_proxy(config(up, "    max_body: 1KiB\n"))
+    async with connect(proxy.port) as c:
+        await on_path(c, via)
+        head = f"Content-Length: {KIB + 1}\r\nExpect: 100-continue\r\n"
+        await c.send(req("/svc/big", head, method="POST"))
+        async with asyncio.timeout(WAIT):
+            while len(c.data) < 12:
+                await c._wait()
+        assert bytes(c.data).startswith(b"HTTP/1.1 413"), bytes(c.data[:100])
+        assert b"100 Continue" not in bytes(c.data)
+
+
+@pytest.mark.parametrize("via", ["lean", "aiohttp"])
+async def test_100_continue_still_comes_when_the_body_is_wanted(
+    via: str, echo: tuple[Echo, URL], start_proxy: StartProxy
+) -> None:
+    e, up = echo
+    body = payload(KIB)
+    proxy = await start_proxy(config(up, "    max_body: 1KiB\n"))
+    async with connect(proxy.port) as c:
+        await on_path(c, via)
+        await c.send(upload("/svc/fits", body, "Expect: 100-continue\r\n")[: -len(body)])
+        assert (await c.answer()).status == 100
+        await c.send(body)
+        assert (await c.answer()).status == 200
+    assert e.seen[-1].raw_path == "/base/fits"
+    assert_one_length(e, len(e.seen) - 1, body)
+
+
 # --- 3. backpressure on uploads
 
 BIG = 64 * MIB

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import stat
+import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,7 +22,14 @@ from yarl import URL
 from proxy.config import parse_config
 from proxy.problems import TokenError
 from proxy.tokens.registry import TokenRegistry
-from proxy.workers import WORKER_HEADER, BrokerClient, BrokeredRegistry, Supervisor
+from proxy.workers import (
+    BROKER_PREFIX,
+    WORKER_HEADER,
+    BrokerClient,
+    BrokeredRegistry,
+    Supervisor,
+    remove_stale_brokers,
+)
 from tests.helpers import provider_json
 from tests.vendors import Events, FakeClock, Simplifi, serve
 
@@ -93,6 +103,7 @@ async def cluster(tmp_path: Path, vendor: Simplifi) -> AsyncIterator[Cluster]:
         proc.kill()
         await proc.wait()
     c._reader.cancel()
+    shutil.rmtree(Path(str(started["broker"])).parent, ignore_errors=True)  # a killed parent's
 
 
 def config(vendor: Simplifi, prefix: str) -> str:
@@ -169,6 +180,72 @@ async def test_sigterm_stops_everyone_and_removes_the_broker(cluster: Cluster) -
     for pid in pids:
         await exited(pid)
     assert len(cluster.events("stopped")) == 4  # three workers and the parent
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_broker_directories_of_dead_parents_are_removed(tmp_path: Path) -> None:
+    dead = tmp_path / f"{BROKER_PREFIX}{dead_pid()}-abc"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "broker.sock").write_text("")
+    live = tmp_path / f"{BROKER_PREFIX}{os.getpid()}-def"
+    live.mkdir()
+    unnamed = tmp_path / f"{BROKER_PREFIX}oldstyle"  # no pid in the name: not ours to judge
+    unnamed.mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / f"{BROKER_PREFIX}{dead_pid()}-link"
+    link.symlink_to(target)
+    assert remove_stale_brokers(tmp_path) == [dead]
+    assert not dead.exists()
+    assert live.is_dir() and unnamed.is_dir() and link.is_symlink() and target.is_dir()
+
+
+async def test_a_parent_removes_a_dead_parents_broker_at_start_and_its_own_at_exit(
+    vendor: Simplifi,
+) -> None:
+    """What ``kill -9`` of a parent leaves behind is cleaned by the next start."""
+    tmp = Path(tempfile.mkdtemp())  # short: a Unix socket path must fit in 108 bytes
+    try:
+        stale = tmp / f"{BROKER_PREFIX}{dead_pid()}-stale"
+        stale.mkdir()
+        live = tmp / f"{BROKER_PREFIX}{os.getpid()}-live"
+        live.mkdir()
+        cfg = tmp / "routes.yaml"
+        cfg.write_text(config(vendor, "/s/"))
+        argv = ("-m", "proxy", "--config", str(cfg), "--port", "0", "--workers", "2")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *argv,
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "TMPDIR": str(tmp)},
+        )
+        c = Cluster(proc)
+        try:
+            [removed] = await c.count("removed stale broker directory", 1)
+            started = (await c.count("started workers", 1))[0]
+            broker = Path(str(started["broker"]))
+            assert removed["path"] == str(stale) and not stale.exists()
+            assert live.is_dir()
+            assert broker.parent.parent == tmp
+            assert broker.parent.name.startswith(f"{BROKER_PREFIX}{proc.pid}-")
+            await c.count("listening", 2)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+            assert not broker.parent.exists()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            c._reader.cancel()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def test_a_dead_worker_is_replaced_and_gets_the_shared_token(

@@ -14,6 +14,10 @@ from typing import Protocol
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+"""The interim answer to ``Expect: 100-continue``: both servers send it only once the
+forwarder wants the body, so a request refused first never has its body invited."""
+
 
 class Inbound(Protocol):
     """What rewriting a request needs to know about it."""
@@ -104,9 +108,16 @@ class AiohttpDownstream:
 
     sink = None
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, *, invite: bool = False) -> None:
         self.request = request
         self.response: web.StreamResponse | None = None
+        self._invite = invite  # 100 Continue is owed before the first body read
+
+    async def _continue(self) -> None:
+        self._invite = False
+        writer = self.request.writer
+        await writer.write(CONTINUE)
+        writer.output_size = 0  # the interim response is not part of the body count
 
     @property
     def method(self) -> str:
@@ -129,9 +140,13 @@ class AiohttpDownstream:
         return self.request.body_exists
 
     async def read_exactly(self, n: int) -> bytes:
+        if self._invite:
+            await self._continue()
         return await self.request.content.readexactly(n)
 
     async def read_any(self) -> bytes:
+        if self._invite:
+            await self._continue()
         return await self.request.content.readany()
 
     def read_nowait(self) -> bytes:
