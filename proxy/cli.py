@@ -270,11 +270,12 @@ async def serve_app(
     the grace period; ``ready`` is set once the ports are bound and the signals handled."""
     cfg = loaded.config
     app = _build_app(loaded, log_format, how)
+    # before "listening" is said: a SIGHUP sent on that line must reload, not kill us
+    stop = on_signals(lambda: how.on_hangup(app) if app[RUNTIME].generation else None)
     try:
         runners = await _start_runners(app, loaded, how)
     except ConfigError as err:  # as a config error before the start: exit 2, no traceback
         return config_failed(err)
-    stop = on_signals(lambda: how.on_hangup(app))
     watch = asyncio.ensure_future(how.until()) if how.until is not None else None
     if watch is not None:
         watch.add_done_callback(lambda _: stop.set())
