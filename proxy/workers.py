@@ -347,7 +347,7 @@ def _worker_load(args: argparse.Namespace) -> Loaded:
     loaded = _load_for_run(args.config, args.host, args.port)
     admin = loaded.config.admin
     if admin is not None and args.admin_port is not None:
-        listen = Listen(host=admin.host, port=args.admin_port)
+        listen = Listen(host=admin.host, port=args.admin_port, tls=admin.tls)
         loaded.config = loaded.config.model_copy(update={"admin": listen})
     return loaded
 
