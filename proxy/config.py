@@ -524,7 +524,8 @@ def _resolve(
         if not isinstance(k, str):
             raise ConfigError(file, format_path(loc), f"key {k!r} must be a string")
         val = _resolve(v, (*loc, k), env, base, file)
-        if k.endswith("_file") and k[: -len("_file")] in SECRET_KEYS and loc[-1:] != ("tls",):
+        tls_key_path = k == "key_file" and loc[-1:] == ("tls",)  # listen.tls: a path, kept
+        if k.endswith("_file") and k[: -len("_file")] in SECRET_KEYS and not tls_key_path:
             target = k[: -len("_file")]
             if target in node:
                 raise ConfigError(file, format_path((*loc, k)), f"give {target} or {k}, not both")

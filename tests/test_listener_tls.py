@@ -361,3 +361,18 @@ async def test_expiry_is_a_metric_and_a_near_one_a_warning(
     with capture_logs() as logs:
         ServerTLS(ListenTLS(cert_file=cert, key_file=key), "admin")
     assert [e["key_path"] for e in logs if "expires soon" in e["event"]] == ["admin.tls.cert_file"]
+
+
+async def test_a_rotated_client_ca_decides_new_handshakes(
+    tls_proxy: StartTLSProxy, tmp_path: Path, ca: CA
+) -> None:
+    proxy = await _mtls(tls_proxy, tmp_path)
+    new_ca = CA("next client CA")
+    old_client = proxy.context(ca.issue("CN=old", (), client=True))
+    new_client = proxy.context(new_ca.issue("CN=new", (), client=True))
+    new_ca.write(tmp_path / "ca.crt")  # client_ca_file
+    assert proxy.tls.poll() is True
+    async with aiohttp.ClientSession() as s:
+        assert (await call(s, proxy.url / "a/x", "lean", ssl=new_client))[0] == 200
+        with pytest.raises(aiohttp.ClientError):
+            await call(s, proxy.url / "a/x", "lean", ssl=old_client)
