@@ -68,6 +68,13 @@ class ListenTLS(BaseModel):
 
 def check_listener_tls(settings: ListenTLS, now: dt.datetime | None = None) -> dt.datetime:
     """Load the files as start-up would; the certificate's expiry, or TLSFileError."""
+    return load_listener_tls(settings, now)[1]
+
+
+def load_listener_tls(
+    settings: ListenTLS, now: dt.datetime | None = None
+) -> tuple[ssl.SSLContext, dt.datetime]:
+    """The server context for these files and the certificate's expiry, or TLSFileError."""
     cert = _read_cert(settings.cert_file)
     key = _read_key(settings.key_file)
     if _spki(cert.public_key()) != _spki(key.public_key()):
@@ -80,8 +87,7 @@ def check_listener_tls(settings: ListenTLS, now: dt.datetime | None = None) -> d
         raise TLSFileError(
             "cert_file", f"the certificate in {settings.cert_file} expired on {_day(expires)}"
         )
-    server_context(settings)
-    return expires
+    return server_context(settings), expires
 
 
 def server_context(settings: ListenTLS) -> ssl.SSLContext:
@@ -181,8 +187,7 @@ class ServerTLS:
         self._files = [settings.cert_file, settings.key_file]
         self._files += [settings.client_ca_file] if settings.client_ca_file else []
         self._seen = _signature(self._files)
-        self.expires = check_listener_tls(settings, now())
-        self.context = server_context(settings)
+        self.context, self.expires = load_listener_tls(settings, now())
         self.context.sni_callback = self._pick
         self._current = self.context
         self._task: asyncio.Task[None] | None = None
@@ -205,8 +210,7 @@ class ServerTLS:
         """Build a context from the files now; swap it in, or keep the old and say why."""
         self._seen = _signature(self._files)
         try:
-            expires = check_listener_tls(self.settings, self._now())
-            ctx = server_context(self.settings)
+            ctx, expires = load_listener_tls(self.settings, self._now())
         except TLSFileError as exc:
             log.error(
                 "listener certificate reload failed, keeping the old one",
