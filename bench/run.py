@@ -15,6 +15,10 @@ What runs, all on 127.0.0.1 on free ports, all started and stopped here (also on
 wrk drives small responses at 1 and 64 connections, curl streams 1 GiB down and up. CPU time
 comes from /proc/PID/stat of the proxy's process tree, RSS from /proc/PID/status.
 
+The TLS row: tokenrelay and nginx again, each terminating TLS on its listener with one
+certificate made here (``openssl req``, ECDSA P-256), measured with small responses and a
+1 GiB download in front of the same plain upstream.
+
 ``--quick`` is a smoke run for development (2 s per wrk run, 64 MiB bodies); it writes to
 bench/results/raw/ so it never overwrites bench/RESULTS.md. ``--profile PATH`` adds one more
 64-connection run on tokenrelay under py-spy (not counted in the figures) and summarises it.
@@ -37,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -71,6 +76,14 @@ TARGET_RSS_MB = 60.0
 DIRECT, TOKENRELAY, NGINX = "direct", "tokenrelay", "nginx"
 NAMES = (DIRECT, TOKENRELAY, NGINX)
 FLOOR = "floor"  # bench/floor.py: small responses only, a calibration, not a competitor
+TOKENRELAY_TLS, NGINX_TLS = "tokenrelay-tls", "nginx-tls"  # the TLS row: HTTPS listeners
+TLS_NAMES = (TOKENRELAY_TLS, NGINX_TLS)
+# what tokenrelay's listener allows (proxy/listener_tls.py): nginx is held to the same
+TLS_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 
 WRK_SCRIPT = """
 done = function(summary, latency, requests)
@@ -235,8 +248,12 @@ def free_port() -> int:
         return port
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def http_get(url: str, timeout: float = 5.0, ca: Path | None = None) -> tuple[int, bytes]:
+    """``ca``: the certificate an https URL is verified against."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca)))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=timeout) as resp:
             return int(resp.status), bytes(resp.read())
@@ -244,14 +261,16 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def wait_ready(procs: Procs, name: str, proc: subprocess.Popen[bytes], url: str) -> None:
+def wait_ready(
+    procs: Procs, name: str, proc: subprocess.Popen[bytes], url: str, ca: Path | None = None
+) -> None:
     """Poll until ``url`` answers 200, for at most 15 s; a child that died says why."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
         with contextlib.suppress(OSError):
-            if http_get(url, timeout=1)[0] == 200:
+            if http_get(url, timeout=1, ca=ca)[0] == 200:
                 return
         time.sleep(0.05)
     raise BenchError(f"{name} not ready after 15 s:\n{procs.log_tail(name)}")
@@ -338,6 +357,11 @@ class Target:
     static_prefix: str
     sink_base: str
     pid: int | None
+    ca: Path | None = None  # an https target's certificate, for curl and the check
+
+    @property
+    def curl_args(self) -> list[str]:
+        return ["--cacert", str(self.ca)] if self.ca is not None else []
 
     @property
     def small(self) -> str:
@@ -397,20 +421,31 @@ def upstream_conf(work: Path, port: int, docroot: Path) -> str:
     )
 
 
-def nginx_proxy_conf(work: Path, port: int, upstream: str, backends: str) -> str:
+def nginx_proxy_conf(
+    work: Path, port: int, upstream: str, backends: str, tls: tuple[Path, Path] | None = None
+) -> str:
     """The equivalent proxy: pooled keep-alive upstreams, static token, streaming both ways.
 
     256 KiB buffers: with nginx's defaults (16 KiB client body buffer) uploads cost it twice
-    the CPU, and a baseline that is easy to beat would flatter tokenrelay.
+    the CPU, and a baseline that is easy to beat would flatter tokenrelay. ``tls``: the
+    listener terminates TLS with this certificate and key, with tokenrelay's profile.
     """
+    name, ssl_opt, ssl_conf = NGINX, "", ""
+    if tls is not None:
+        name, ssl_opt = NGINX_TLS, " ssl"
+        ssl_conf = (
+            f"    ssl_certificate {tls[0]};\n    ssl_certificate_key {tls[1]};\n"
+            f"    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_ciphers {TLS_CIPHERS};\n"
+            "    ssl_session_tickets off;\n"
+        )
     return (
-        nginx_common(work, "nginx")
-        + f"""  access_log {work}/nginx-access.log;
+        nginx_common(work, name)
+        + f"""  access_log {work}/{name}-access.log;
   upstream static_pool {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}
   upstream sink_pool {{ server {backends}; keepalive 64; keepalive_requests 1000000; }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
-    client_max_body_size 0;
+    listen 127.0.0.1:{port}{ssl_opt} backlog=4096;
+{ssl_conf}    client_max_body_size 0;
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $proxy_host;
@@ -432,9 +467,12 @@ def nginx_proxy_conf(work: Path, port: int, upstream: str, backends: str) -> str
     )
 
 
-def tokenrelay_conf(port: int, upstream: str, backends: str) -> str:
+def tokenrelay_conf(
+    port: int, upstream: str, backends: str, tls: tuple[Path, Path] | None = None
+) -> str:
     """The contract's config shape: one client-credentials provider, two routes."""
-    return f"""listen: {{host: 127.0.0.1, port: {port}}}
+    listen_tls = f", tls: {{cert_file: {tls[0]}, key_file: {tls[1]}}}" if tls else ""
+    return f"""listen: {{host: 127.0.0.1, port: {port}{listen_tls}}}
 shutdown_grace: 2
 providers:
   {PROVIDER}:
@@ -480,12 +518,30 @@ class Stack:
             DIRECT, f"http://{self.upstream}", "/", f"http://{self.backends}", None
         )
         starts = ((TOKENRELAY, self.start_tokenrelay), (NGINX, self.start_nginx))
-        for name, start in (*starts, (FLOOR, self.start_floor)):
+        tls = ((TOKENRELAY_TLS, self.start_tokenrelay_tls), (NGINX_TLS, self.start_nginx_tls))
+        for name, start in (*starts, (FLOOR, self.start_floor), *tls):
             try:
                 self.targets[name] = start()
             except BenchError as exc:
                 self.notes.append(f"{name} not measured: {exc}")
                 log(f"{name} not measured: {exc}")
+
+    def certificate(self) -> tuple[Path, Path]:
+        """One self-signed ECDSA P-256 certificate for 127.0.0.1, made once for both."""
+        cert, key = self.work / "tls.crt", self.work / "tls.key"
+        if cert.exists():
+            return cert, key
+        argv = [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout", str(key),
+            "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1",
+        ]  # fmt: skip
+        try:
+            subprocess.run(argv, capture_output=True, timeout=30, check=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"openssl could not make a certificate: {exc}") from None
+        key.chmod(0o644)  # nginx's worker runs as another user when not root
+        return cert, key
 
     def start_backends(self) -> None:
         port = self.backends.rsplit(":", 1)[1]
@@ -503,34 +559,48 @@ class Stack:
         port = int(self.upstream.rsplit(":", 1)[1])
         self.run_nginx("upstream", upstream_conf(self.work, port, self.docroot), self.upstream)
 
-    def run_nginx(self, name: str, conf: str, addr: str) -> subprocess.Popen[bytes]:
+    def run_nginx(
+        self, name: str, conf: str, addr: str, ca: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         path = self.work / f"{name}.conf"
         path.write_text(conf)
         argv = ["nginx", "-p", str(self.work), "-c", str(path), "-e", f"{self.work}/{name}-e.log"]
         proc = self.procs.start(name, argv)
-        wait_ready(self.procs, name, proc, f"http://{addr}/{'up/' if name == NGINX else ''}small")
+        scheme, under = ("https" if ca else "http"), ("" if name == "upstream" else "up/")
+        wait_ready(self.procs, name, proc, f"{scheme}://{addr}/{under}small", ca)
         return proc
 
-    def start_tokenrelay(self) -> Target:
+    def start_tokenrelay(self, tls: bool = False) -> Target:
         if not (ROOT / "proxy" / "cli.py").exists() or not (ROOT / "proxy" / "app.py").exists():
             raise BenchError("proxy/cli.py or proxy/app.py does not exist yet")
         port = free_port()
-        conf = self.work / "tokenrelay.yaml"
-        conf.write_text(tokenrelay_conf(port, self.upstream, self.backends))
+        name, pair = (TOKENRELAY_TLS, self.certificate()) if tls else (TOKENRELAY, None)
+        conf = self.work / f"{name}.yaml"
+        conf.write_text(tokenrelay_conf(port, self.upstream, self.backends, pair))
         argv = [sys.executable, "-m", "proxy", "--config", str(conf), "--log-format", "json"]
-        proc = self.procs.start(TOKENRELAY, argv)
-        wait_ready(self.procs, TOKENRELAY, proc, f"http://127.0.0.1:{port}/-/health")
-        base = f"http://127.0.0.1:{port}"
-        return Target(TOKENRELAY, base, "/up/", base, proc.pid)
+        proc = self.procs.start(name, argv)
+        base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        ca = pair[0] if pair else None
+        wait_ready(self.procs, name, proc, f"{base}/-/health", ca)
+        return Target(name, base, "/up/", base, proc.pid, ca)
 
-    def start_nginx(self) -> Target:
+    def start_nginx(self, tls: bool = False) -> Target:
         if shutil.which("nginx") is None:
             raise BenchError("nginx is not installed")
         port = free_port()
         addr = f"127.0.0.1:{port}"
-        conf = nginx_proxy_conf(self.work, port, self.upstream, self.backends)
-        proc = self.run_nginx(NGINX, conf, addr)
-        return Target(NGINX, f"http://{addr}", "/up/", f"http://{addr}", proc.pid)
+        name, pair = (NGINX_TLS, self.certificate()) if tls else (NGINX, None)
+        conf = nginx_proxy_conf(self.work, port, self.upstream, self.backends, pair)
+        ca = pair[0] if pair else None
+        proc = self.run_nginx(name, conf, addr, ca)
+        base = f"{'https' if tls else 'http'}://{addr}"
+        return Target(name, base, "/up/", base, proc.pid, ca)
+
+    def start_tokenrelay_tls(self) -> Target:
+        return self.start_tokenrelay(tls=True)
+
+    def start_nginx_tls(self) -> Target:
+        return self.start_nginx(tls=True)
 
     def start_floor(self) -> Target:
         port = free_port()
@@ -542,7 +612,7 @@ class Stack:
 
     def check(self, target: Target) -> None:
         """Refuse to time a path that serves the wrong thing: fast 404s prove nothing."""
-        status, body = http_get(target.small)
+        status, body = http_get(target.small, ca=target.ca)
         if status != 200 or body != SMALL_BODY:
             raise BenchError(f"{target.small} answered {status} with {len(body)} bytes")
 
@@ -644,7 +714,8 @@ def transfer_timeout(size: int) -> float:
 def download(target: Target, size: int) -> Transfer:
     pids = target.tree()
     cpu0 = cpu_seconds(pids)
-    status, got, secs = curl(["-o", "/dev/null", target.big], transfer_timeout(size))
+    argv = [*target.curl_args, "-o", "/dev/null", target.big]
+    status, got, secs = curl(argv, transfer_timeout(size))
     cpu = cpu_seconds(pids) - cpu0
     ok = status == 200 and got == size
     return Transfer(
@@ -719,6 +790,7 @@ class Bench:
             self.transfers()
         else:
             self.results.notes.append("curl missing: transfer figures not measured")
+        self.tls_listeners()
         self.finish()
 
     def skip(self, name: str, why: str) -> None:
@@ -755,6 +827,31 @@ class Bench:
                 self.one_transfer(target, "upload", up)
             if target.pid is not None:
                 self.results.peak_rss_mb[target.name] = rss.peak_kb * 1024 / 1e6
+
+    def tls_listeners(self) -> None:
+        """The TLS row: small responses, then the download, through each HTTPS listener."""
+        tls = [self.stack.targets[n] for n in TLS_NAMES if n in self.stack.targets]
+        for target in list(tls):
+            try:
+                self.stack.check(target)
+            except (BenchError, OSError) as exc:
+                self.skip(target.name, f"check failed: {exc}")
+                tls.remove(target)
+        if shutil.which("wrk") is not None:
+            for conns in CONNS:
+                for target in tls:
+                    log(f"small responses over TLS, {conns} conn: {target.name}")
+                    try:
+                        load = measure_load(target, conns, self.mode, self.script)
+                    except (BenchError, subprocess.SubprocessError) as exc:
+                        self.results.notes.append(f"{target.name} at {conns} conn: {exc}")
+                        continue
+                    self.results.loads[(target.name, conns)] = load
+        if shutil.which("curl") is not None:
+            for target in tls:
+                log(f"{self.mode.body // MIB} MiB down over TLS: {target.name}")
+                down = functools.partial(download, target, self.mode.body)
+                self.one_transfer(target, "download", down)
 
     def one_transfer(self, target: Target, kind: str, fn: Callable[[], Transfer]) -> None:
         """Best of ``mode.transfers``: one slow transfer on a shared machine says little."""
@@ -1060,6 +1157,7 @@ def render(r: Results) -> str:
     ]
     rows = [*load_rows(r, 1), *load_rows(r, 64), *transfer_rows(r)]
     lines = [*head, *(render_row(r, row) for row in rows), token_row(r), "", *floor_rows(r)]
+    lines += tls_rows(r)
     return "\n".join(lines + method_notes(r)) + "\n"
 
 
@@ -1087,6 +1185,41 @@ def floor_rows(r: Results) -> list[str]:
             out.append(
                 f"| {conns} conn: {label} | {cells} | {ratio(vals[TOKENRELAY], vals[FLOOR])} |"
             )
+    return [*out, ""]
+
+
+def tls_rows(r: Results) -> list[str]:
+    """The TLS row: each proxy with and without TLS on its listener, same run."""
+    names = (TOKENRELAY, TOKENRELAY_TLS, NGINX, NGINX_TLS)
+    size = f"{r.mode.body // MIB} MiB" if r.mode.body < GIB else f"{r.mode.body // GIB} GiB"
+    out = [
+        "TLS listener, same run: tokenrelay and nginx terminating TLS with the same "
+        "certificate (self-signed ECDSA P-256, what wrk and curl negotiate: TLS 1.3), in front "
+        "of the same plain upstream; the plain figures repeated beside them.",
+        "",
+        "| TLS listener | tokenrelay | tokenrelay TLS | nginx | nginx TLS "
+        "| tokenrelay TLS / nginx TLS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows: list[tuple[str, dict[str, float | None], str]] = []
+    for conns in CONNS:
+        loads = {n: r.loads.get((n, conns)) for n in names}
+        measures: tuple[tuple[str, Callable[[Load], float | None], str], ...] = (
+            ("requests/s", lambda x: x.rps, ".0f"),
+            ("p50 latency (ms)", lambda x: x.p50_ms, ".3f"),
+            ("proxy CPU per request (µs)", lambda x: x.cpu_us, ".1f"),
+        )
+        for label, get, spec in measures:
+            vals = {n: (get(v) if v is not None else None) for n, v in loads.items()}
+            rows.append((f"small, {conns} conn: {label}", vals, spec))
+    downs = {n: r.downloads.get(n) for n in names}
+    rows.append((f"download {size}: GB/s", {n: t.gbps if t else None for n, t in downs.items()},
+                 ".2f"))  # fmt: skip
+    cpu = {n: t.cpu_s_per_gib if t else None for n, t in downs.items()}
+    rows.append((f"download {size}: proxy CPU-s per GiB", cpu, ".3f"))
+    for label, vals, spec in rows:
+        cells = " | ".join(fmt(vals.get(n), spec) for n in names)
+        out.append(f"| {label} | {cells} | {ratio(vals[TOKENRELAY_TLS], vals[NGINX_TLS])} |")
     return [*out, ""]
 
 

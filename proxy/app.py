@@ -41,6 +41,7 @@ from proxy.forward.websocket import (
     proxy_websocket,
 )
 from proxy.guard import GuardedSite
+from proxy.listener_tls import ServerTLS, expose_expiry, peer_identity
 from proxy.observability import Observer, request_id_from
 from proxy.problems import (
     BadRequest,
@@ -476,11 +477,19 @@ def _handler(admin_on_main: bool, rt: Runtime) -> Handler:
     return handle
 
 
-def _admit(gen: Generation, route: RouteRuntime, headers: Mapping[str, str], ex: Exchange) -> None:
-    """Record the route and let the client's key through, or raise: both servers' step."""
+def _admit(
+    gen: Generation,
+    route: RouteRuntime,
+    headers: Mapping[str, str],
+    ex: Exchange,
+    transport: asyncio.BaseTransport | None,
+) -> None:
+    """Record the route and let the client's key (or certificate) through, or raise: both
+    servers' step."""
     ex.route, ex.provider = route.prefix, route.provider
     refuse_method(ex.method, has_provider=bool(route.provider))
-    ex.client_id = gen.access.check(headers, route.prefix, route.config.key_header)
+    peer = None if gen.access.open else peer_identity(transport)
+    ex.client_id = gen.access.check(headers, route.prefix, route.config.key_header, peer)
 
 
 def _failed(ex: Exchange, err: ProxyError) -> None:
@@ -532,7 +541,7 @@ async def _serve_fast(
     metrics = rt.observer.metrics
     metrics.in_flight_now += 1
     try:
-        _admit(gen, route, down.headers, ex)
+        _admit(gen, route, down.headers, ex, down.transport)
         await fwd.forward(down, route, remainder, target.query, ex)
     except ProxyError as err:
         _failed(ex, err)
@@ -567,7 +576,7 @@ async def _proxy(
     if hit is None:
         raise NotFound(f"no route for {target.path[:200]}")
     route, remainder = hit
-    _admit(gen, route, request.headers, ex)
+    _admit(gen, route, request.headers, ex, request.transport)
     if route.waits_for:
         raise ServiceUnavailable(
             f"route {route.prefix} waits for provider {route.provider}: "
@@ -708,9 +717,17 @@ async def _admin(
 
 
 async def start_runner(
-    app: web.Application, cfg: Config, listen: Listen, *, reuse_port: bool = False
+    app: web.Application,
+    cfg: Config,
+    listen: Listen,
+    *,
+    reuse_port: bool = False,
+    name: str = "listen",
+    observer: Observer | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Start serving ``app``; returns the runner and the port actually bound."""
+    """Start serving ``app``; returns the runner and the port actually bound. ``name`` is
+    the listener's config key; ``observer`` (default: the app's) gets its certificate's
+    expiry metric."""
     limits = cfg.limits
     handler_kwargs: dict[str, Any] = {
         "access_log": None,
@@ -727,6 +744,10 @@ async def start_runner(
         handler_cancellation=True,
         **handler_kwargs,
     )
+    observer = observer or (app[RUNTIME].observer if RUNTIME in app else None)
+    tls = None if listen.tls is None else ServerTLS(listen.tls, name)
+    if tls is not None and observer is not None:
+        expose_expiry(observer.metrics.registry, tls)
     await runner.setup()
     site = GuardedSite(
         runner,
@@ -737,6 +758,7 @@ async def start_runner(
         reuse_port=reuse_port,
         dispatch=app.get(DISPATCH),
         observer=app[RUNTIME].observer if RUNTIME in app else None,
+        tls=tls,
     )
     try:
         await site.start()

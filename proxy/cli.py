@@ -32,9 +32,12 @@ from proxy.app import (
 )
 from proxy.config import Config, Listen, Loaded, load_config
 from proxy.filewatch import watch as watch_files
+from proxy.guard import GuardedSite
+from proxy.listener_tls import check_listener_tls, describe_expiry
 from proxy.observability import Observer, configure_logging
 from proxy.problems import ConfigError, ConfigInvalid, TokenError
 from proxy.startonly import check_exposure
+from proxy.tls import TLSFileError
 from proxy.tokens.registry import TokenRegistry
 from proxy.tokens.source import system_clock
 
@@ -127,7 +130,9 @@ def _load_for_run(path: str, host: str | None, port: int | None) -> Loaded:
     cfg = loaded.config
     try:
         listen = Listen(
-            host=host or cfg.listen.host, port=cfg.listen.port if port is None else port
+            host=host or cfg.listen.host,
+            port=cfg.listen.port if port is None else port,
+            tls=cfg.listen.tls,
         )
     except ValidationError as exc:  # --host/--port: the config file is not to blame
         err = exc.errors()[0]
@@ -168,6 +173,11 @@ def _describe(loaded: Loaded) -> None:
         state = f"waits for {', '.join(waits)}" if waits else "active"
         provider = f" provider={r.provider}" if r.provider else ""
         print(f"route {r.prefix} -> {r.upstream}{provider} [{state}]")
+    for key, listen in (("listen", cfg.listen), ("admin", cfg.admin)):
+        if listen is not None and listen.tls is not None:
+            expires = describe_expiry(check_listener_tls(listen.tls))
+            mtls = ", client certificates required" if listen.mtls else ""
+            print(f"{key}.tls: certificate {listen.tls.cert_file} expires {expires}{mtls}")
 
 
 def _token(path: str, provider: str) -> int:
@@ -271,9 +281,10 @@ async def serve_app(
     cfg = loaded.config
     app = _build_app(loaded, log_format, how)
     # before "listening" is said: a SIGHUP sent on that line must reload, not kill us
-    stop = on_signals(lambda: how.on_hangup(app) if app[RUNTIME].generation else None)
+    runners: list[web.AppRunner] = []
+    stop = on_signals(lambda: _hangup(app, runners, how) if app[RUNTIME].generation else None)
     try:
-        runners = await _start_runners(app, loaded, how)
+        runners += await _start_runners(app, loaded, how)
     except ConfigError as err:  # as a config error before the start: exit 2, no traceback
         return config_failed(err)
     watch = asyncio.ensure_future(how.until()) if how.until is not None else None
@@ -298,6 +309,15 @@ async def serve_app(
     return 0
 
 
+def _hangup(app: web.Application, runners: list[web.AppRunner], how: Serving) -> None:
+    """SIGHUP: the config, and the listeners' certificates (a bad new pair keeps the old)."""
+    how.on_hangup(app)
+    for runner in runners:
+        for site in runner.sites:
+            if isinstance(site, GuardedSite) and site.tls is not None:
+                site.tls.reload()
+
+
 def _build_app(loaded: Loaded, log_format: str, how: Serving) -> web.Application:
     app = create_app(
         loaded,
@@ -315,14 +335,15 @@ async def _start_runners(app: web.Application, loaded: Loaded, how: Serving) -> 
     """Main listener first, then the admin one: shutdown cleans them up in reverse. A port
     that cannot be had is a ConfigError naming the listener's key, with nothing left open."""
     cfg = loaded.config
-    runner, port = await _listen(app, loaded, "listen", cfg.listen, how)
+    observer = app[RUNTIME].observer
+    runner, port = await _listen(app, loaded, "listen", cfg.listen, how, observer)
     runners, admin_port = [runner], None
     if cfg.admin is not None:
         admin_app = create_admin_app(app)
         if how.on_response is not None:
             admin_app.on_response_prepare.append(how.on_response)
         try:
-            admin, admin_port = await _listen(admin_app, loaded, "admin", cfg.admin, how)
+            admin, admin_port = await _listen(admin_app, loaded, "admin", cfg.admin, how, observer)
         except ConfigError:
             await runner.cleanup()
             raise
@@ -332,10 +353,19 @@ async def _start_runners(app: web.Application, loaded: Loaded, how: Serving) -> 
 
 
 async def _listen(
-    app: web.Application, loaded: Loaded, key: str, listen: Listen, how: Serving
+    app: web.Application,
+    loaded: Loaded,
+    key: str,
+    listen: Listen,
+    how: Serving,
+    observer: Observer,
 ) -> tuple[web.AppRunner, int]:
     try:
-        return await start_runner(app, loaded.config, listen, reuse_port=how.reuse_port)
+        return await start_runner(
+            app, loaded.config, listen, reuse_port=how.reuse_port, name=key, observer=observer
+        )
+    except TLSFileError as exc:  # replaced since the config was checked
+        raise ConfigError(loaded.path, f"{key}.tls.{exc.key}", str(exc)) from None
     except OSError as exc:
         why = exc.strerror or str(exc)
         problem = f"cannot listen on {listen.host}:{listen.port}: {why}"
@@ -367,14 +397,20 @@ def _announce(loaded: Loaded, port: int, admin_port: int | None) -> None:
     waiting = {r.prefix: loaded.route_waits_for(r) for r in cfg.routes if loaded.route_waits_for(r)}
     log.info(
         "listening",
-        address=f"http://{cfg.listen.host}:{port}",
-        admin=f"http://{cfg.admin.host}:{admin_port}" if cfg.admin else "same listener",
+        address=f"{_scheme(cfg.listen)}://{cfg.listen.host}:{port}",
+        admin=f"{_scheme(cfg.admin)}://{cfg.admin.host}:{admin_port}"
+        if cfg.admin
+        else "same listener",
         active_routes=active,
         waiting_routes=waiting,
         config=loaded.path,
         pid=os.getpid(),
         version=__version__,
     )
+
+
+def _scheme(listen: Listen) -> str:
+    return "https" if listen.tls is not None else "http"
 
 
 async def _sighup(app: web.Application) -> None:

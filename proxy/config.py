@@ -34,6 +34,7 @@ from pydantic import (
 from yarl import URL
 
 from proxy.forward.spool import unsafe_dir
+from proxy.listener_tls import ListenTLS, canonical_subject, check_listener_tls
 from proxy.problems import ConfigError
 from proxy.signing_keys import KeyFileError, load_signing_key
 from proxy.tls import TLSFileError, check_files
@@ -83,6 +84,7 @@ _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}
 class Listen(Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    tls: ListenTLS | None = None
 
     @field_validator("host")
     @classmethod
@@ -100,6 +102,21 @@ class Listen(Model):
 
     def is_loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Listen:
+        """Loaded as start-up would (proxy.listener_tls), so check and reload refuse it too."""
+        if self.tls is not None:
+            try:
+                check_listener_tls(self.tls)
+            except TLSFileError as exc:
+                raise _KeyedError(("tls", exc.key), str(exc)) from None
+        return self
+
+    @property
+    def mtls(self) -> bool:
+        """Clients must present a certificate signed by ``tls.client_ca_file``."""
+        return self.tls is not None and self.tls.client_ca_file is not None
 
 
 class Timeout(Model):
@@ -365,6 +382,13 @@ class Client(Model):
     routes: list[str] = Field(default_factory=lambda: ["/"])
     rate: str | None = None
     burst: int | None = Field(default=None, ge=1)
+    cert_subject: str | None = None
+    cert_san: str | None = None
+
+    @field_validator("cert_subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        return None if v is None else canonical_subject(v)
 
     @field_validator("key_sha256")
     @classmethod
@@ -384,9 +408,18 @@ class Client(Model):
 
     @model_validator(mode="after")
     def _one_key(self) -> Client:
-        if (self.key_sha256 is None) == (self.key is None):
-            raise ValueError("give exactly one of key_sha256, key or key_file")
+        if self.key_sha256 is not None and self.key is not None:
+            raise ValueError("give one of key_sha256, key or key_file, not several")
+        if self.key_sha256 is None and self.key is None and not self.by_cert:
+            raise ValueError(
+                "give one of key_sha256, key or key_file, or cert_subject / cert_san "
+                "(with listen.tls.client_ca_file)"
+            )
         return self
+
+    @property
+    def by_cert(self) -> bool:
+        return self.cert_subject is not None or self.cert_san is not None
 
 
 class Limits(Model):
@@ -462,6 +495,14 @@ class Config(Model):
                     f"{URL(r.upstream).host}; use https or set allow_plain_http: true",
                 )
         _check_clients(self.clients, seen)
+        for i, c in enumerate(self.clients):
+            if c.by_cert and not self.listen.mtls:
+                which = "cert_subject" if c.cert_subject is not None else "cert_san"
+                raise _KeyedError(
+                    ("clients", i, which),
+                    "identifies the client by its certificate, but no certificate is asked "
+                    "for: set listen.tls.client_ca_file",
+                )
         return self
 
 
@@ -572,7 +613,8 @@ def _resolve(
         if not isinstance(k, str):
             raise ConfigError(file, format_path(loc), f"key {k!r} must be a string")
         val = _resolve(v, (*loc, k), env, base, file, read)
-        if k.endswith("_file") and k[: -len("_file")] in SECRET_KEYS:
+        tls_key_path = k == "key_file" and loc[-1:] == ("tls",)  # listen.tls: a path, kept
+        if k.endswith("_file") and k[: -len("_file")] in SECRET_KEYS and not tls_key_path:
             target = k[: -len("_file")]
             if target in node:
                 raise ConfigError(file, format_path((*loc, k)), f"give {target} or {k}, not both")

@@ -38,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy.config import Limits
 from proxy.forward.exchange import Exchange
 from proxy.forward.framing import FramingError
+from proxy.listener_tls import ServerTLS
 from proxy.observability import Observer, request_id_from
 from proxy.problems import (
     BadRequest,
@@ -263,7 +264,9 @@ def _reason(exc: HttpProcessingError) -> str:
 
 
 class GuardedSite(web.TCPSite):
-    """A TCP site whose connections are ``GuardedHandler``s."""
+    """A TCP site whose connections are ``GuardedHandler``s (or lean ones handing over to
+    them). With ``tls``, asyncio's SSL transport wraps either protocol; a handshake must end
+    within the head deadline, and plain HTTP fails the handshake and is closed at once."""
 
     def __init__(
         self,
@@ -277,8 +280,13 @@ class GuardedSite(web.TCPSite):
         backlog: int = 1024,
         dispatch: Dispatch | None = None,
         observer: Observer | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
-        super().__init__(runner, host, port, backlog=backlog, reuse_port=reuse_port)
+        ctx = None if tls is None else tls.context
+        super().__init__(
+            runner, host, port, backlog=backlog, reuse_port=reuse_port, ssl_context=ctx
+        )
+        self.tls = tls
         self._handler_kwargs = handler_kwargs
         self._limits = limits
         self._dispatch = dispatch
@@ -313,4 +321,13 @@ class GuardedSite(web.TCPSite):
             self._port,
             backlog=self._backlog,
             reuse_port=self._reuse_port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._limits.header_timeout if self._ssl_context else None,
         )
+        if self.tls is not None:
+            self.tls.start()
+
+    async def stop(self) -> None:
+        if self.tls is not None:
+            await self.tls.stop()
+        await super().stop()

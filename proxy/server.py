@@ -176,6 +176,7 @@ class FastProtocol(asyncio.Protocol):
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.scheme = "http"  # "https" on a TLS listener (asyncio's SSL transport wraps this)
         self._buf = b""
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -200,6 +201,8 @@ class FastProtocol(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
         self._wait_for(self._limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -543,8 +546,6 @@ class FastDownstream:
 
     __slots__ = ("_chunked", "_conn", "_head", "body", "head_sent")
 
-    scheme = "http"
-
     def __init__(self, conn: FastProtocol, head: Head) -> None:
         self._conn = conn
         self._head = head
@@ -571,6 +572,15 @@ class FastDownstream:
     @property
     def peer(self) -> str:
         return self._conn.peer
+
+    @property
+    def scheme(self) -> str:
+        return self._conn.scheme
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The client connection (TLS details: its client certificate)."""
+        return self._conn.transport
 
     async def read_exactly(self, n: int) -> bytes:
         parts: list[bytes] = []

@@ -41,11 +41,14 @@ def check_exposure(loaded: Loaded) -> None:
     with_token = [r.prefix for r in cfg.routes if r.provider is not None]
     if cfg.listen.is_loopback() or not with_token or cfg.clients or cfg.allow_unauthenticated:
         return
+    if cfg.listen.mtls:  # only holders of a certificate from client_ca_file get in
+        return
     raise ConfigError(
         loaded.path,
         "listen.host",
         f"listening on {cfg.listen.host} would let anyone who reaches it use the vendor "
-        f"credentials of {', '.join(with_token)}; configure 'clients' (inbound keys) or set "
+        f"credentials of {', '.join(with_token)}; configure 'clients' (inbound keys), "
+        "listen.tls.client_ca_file (mutual TLS) or set "
         "'allow_unauthenticated: true' if something else (a mesh policy) protects the port",
     )
 

@@ -46,27 +46,30 @@ def client_ssl(tls: TLS) -> ssl.SSLContext | bool:
     return ctx
 
 
-def load_ca(ctx: ssl.SSLContext, path: Path) -> None:
+def load_ca(ctx: ssl.SSLContext, path: Path, *, key: str = "ca_file") -> None:
     """Trust the PEM certificates in ``path``; a file without any is an error."""
     try:
         ctx.load_verify_locations(cafile=str(path))
     except (ssl.SSLError, OSError) as exc:
-        raise TLSFileError(
-            "ca_file", f"cannot load {path} as PEM CA certificates: {_why(exc)}"
-        ) from None
+        raise TLSFileError(key, f"cannot load {path} as PEM CA certificates: {_why(exc)}") from None
 
 
-def load_pair(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
-    """Present this certificate and key; an encrypted key is refused, never prompted for."""
+def load_pair(
+    ctx: ssl.SSLContext,
+    cert: Path,
+    key: Path,
+    *,
+    keys: tuple[str, str] = ("client_cert_file", "client_key_file"),
+) -> None:
+    """Present this certificate and key; an encrypted key is refused, never prompted for.
+    ``keys`` name the settings to blame: the certificate's, the key's."""
     try:
         ctx.load_cert_chain(str(cert), str(key), password=_no_password)
     except _Encrypted:
-        raise TLSFileError(
-            "client_key_file", f"{key} is an encrypted key; give an unencrypted one"
-        ) from None
+        raise TLSFileError(keys[1], f"{key} is an encrypted key; give an unencrypted one") from None
     except (ssl.SSLError, OSError) as exc:
         raise TLSFileError(
-            "client_cert_file",
+            keys[0],
             f"cannot load {cert} with key {key} as a PEM certificate and key: {_why(exc)}",
         ) from None
 

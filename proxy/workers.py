@@ -405,7 +405,7 @@ def _worker_load(args: argparse.Namespace) -> Loaded:
     loaded = _load_for_run(args.config, args.host, args.port)
     admin = loaded.config.admin
     if admin is not None and args.admin_port is not None:
-        listen = Listen(host=admin.host, port=args.admin_port)
+        listen = Listen(host=admin.host, port=args.admin_port, tls=admin.tls)
         loaded.config = loaded.config.model_copy(update={"admin": listen})
     return loaded
 
@@ -414,7 +414,7 @@ async def _worker(args: argparse.Namespace, loaded: Loaded) -> int:
     """The single process's sequence, with tokens from the broker and reloads via the parent."""
     client = BrokerClient(args.broker)
     how = Serving(
-        announce=_announcer(args.index, loaded.config.listen.host),
+        announce=_announcer(args.index, loaded.config.listen),
         reloader=lambda: _reload_via_parent(args, client),
         on_hangup=_reload_from_parent,
         reuse_port=True,
@@ -427,11 +427,12 @@ async def _worker(args: argparse.Namespace, loaded: Loaded) -> int:
     return await serve_app(loaded, args.log_format, how)
 
 
-def _announcer(index: int, host: str) -> Callable[[int, int | None], None]:
+def _announcer(index: int, listen: Listen) -> Callable[[int, int | None], None]:
     """N workers announce at once: each says who it is, not the routes all of them share."""
+    origin = f"{'https' if listen.tls else 'http'}://{listen.host}"
 
     def announce(port: int, _admin_port: int | None) -> None:
-        log.info("listening", worker=index, pid=os.getpid(), address=f"http://{host}:{port}")
+        log.info("listening", worker=index, pid=os.getpid(), address=f"{origin}:{port}")
 
     return announce
 

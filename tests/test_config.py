@@ -123,7 +123,7 @@ def test_every_validation_error_is_reported_with_the_valid_keys() -> None:
         parse_config(text, "routes.yaml", {})
     assert err.value.path == "listen.hots"
     message = str(err.value)
-    assert "unknown key (valid keys here: host, port)" in message
+    assert "unknown key (valid keys here: host, port, tls)" in message
     assert "and routes[0].colour: unknown key (valid keys here: allow_plain_http," in message
     assert "more)" not in message
 
