@@ -11,6 +11,7 @@ import contextlib
 import enum
 import gc
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from aiohttp import web
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
+from proxy import status
 from proxy.access import ClientAccess
 from proxy.config import Config, Listen, Loaded, Provider, Route, is_loopback
 from proxy.forward.downstream import AiohttpDownstream
@@ -101,6 +103,9 @@ class Runtime:
     registry_factory: RegistryFactory | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _background: set[asyncio.Future[None]] = field(default_factory=set)
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    """The status page's POSTs carry it (see proxy.status); new every process start."""
+    worker: str | None = None  # which --workers worker this is, for the status page
 
     def discover(self) -> None:
         """Read the issuers' discovery documents in the background (start, reload): a slow
@@ -656,15 +661,46 @@ async def _tokens(rt: Runtime, request: web.Request, arg: str) -> web.StreamResp
 
 
 async def _renew(rt: Runtime, request: web.Request, provider: str) -> web.StreamResponse:
+    return await _renewed(rt, request, provider, login=False)
+
+
+async def _test(rt: Runtime, request: web.Request, provider: str) -> web.StreamResponse:
+    """Test the credentials themselves: a login, not a refresh; the cool-down holds."""
+    return await _renewed(rt, request, provider, login=True)
+
+
+async def _renewed(
+    rt: Runtime, request: web.Request, provider: str, *, login: bool
+) -> web.StreamResponse:
+    status.check_csrf(request, rt.csrf)
     gen = rt.generation
     source = gen.registry.sources.get(provider) if gen is not None else None
     if source is None:
         raise NotFound(f"no provider {provider[:100]}")
-    await source.renew()
+    await source.renew(login=login)
     return web.json_response({provider: source.state()})
 
 
+async def _status_page(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    return status.page(rt.csrf)
+
+
+async def _status_asset(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    return status.asset(request.path.removeprefix("/-/"))
+
+
+async def _status(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    gen = rt.generation
+    routes: list[dict[str, object]] = []
+    if gen is not None:
+        for r in gen.config.routes:
+            routes.append({"prefix": r.prefix, "upstream": r.upstream, "provider": r.provider})
+    doc = status.document(rt.loaded, rt.observer, _token_states(rt), routes, rt.worker)
+    return web.json_response(doc, headers=status.SECURITY_HEADERS)
+
+
 async def _reload(rt: Runtime, request: web.Request, arg: str) -> web.StreamResponse:
+    status.check_csrf(request, rt.csrf)
     gen = await reload_and_report(rt)
     pending = gen.loaded.restart_needed
     return web.json_response(
@@ -678,10 +714,15 @@ ADMIN_ENDPOINTS: dict[str, AdminEndpoint] = {
     "/-/metrics": AdminEndpoint(Reach.ANYONE, ("GET",), _metrics),
     "/-/tokens": AdminEndpoint(Reach.PRIVATE, ("GET",), _tokens),
     "/-/tokens/{provider}/renew": AdminEndpoint(Reach.PRIVATE, ("POST",), _renew),
+    "/-/tokens/{provider}/test": AdminEndpoint(Reach.PRIVATE, ("POST",), _test),
     "/-/reload": AdminEndpoint(Reach.ADMIN_LISTENER, ("POST",), _reload),
+    "/-/": AdminEndpoint(Reach.PRIVATE, ("GET",), _status_page),
+    "/-/status": AdminEndpoint(Reach.PRIVATE, ("GET",), _status),
+    "/-/status.js": AdminEndpoint(Reach.PRIVATE, ("GET",), _status_asset),
+    "/-/status.css": AdminEndpoint(Reach.PRIVATE, ("GET",), _status_asset),
 }
 """Every admin path, once: the README's admin table says the same."""
-_RENEW = re.compile(r"/-/tokens/([^/]+)/renew")
+_RENEW = re.compile(r"/-/tokens/([^/]+)/(renew|test)")
 
 
 def _admin_endpoint(path: str) -> tuple[AdminEndpoint, str] | None:
@@ -692,7 +733,7 @@ def _admin_endpoint(path: str) -> tuple[AdminEndpoint, str] | None:
     renew = _RENEW.fullmatch(path)
     if renew is None:
         return None
-    return ADMIN_ENDPOINTS["/-/tokens/{provider}/renew"], renew[1]
+    return ADMIN_ENDPOINTS[f"/-/tokens/{{provider}}/{renew[2]}"], renew[1]
 
 
 async def _admin(

@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import (
 from proxy import __version__
 from proxy.config import ADMIN_PREFIX
 from proxy.forward.exchange import Exchange
+from proxy.recent import RecentRequests, RecentTokens
 
 EventDict = MutableMapping[str, Any]
 TokenStates = Callable[[], Mapping[str, Mapping[str, object]]]
@@ -574,10 +575,16 @@ class Observer:
         stream: TextIO | None = None,
         perf: Callable[[], float] = time.perf_counter,
         metrics: Metrics | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         out = sys.stderr if stream is None else stream
         self.access = AccessLog(log_format, out, perf)
         self.metrics = Metrics(perf=perf) if metrics is None else metrics
+        self.recent = RecentRequests(wall)
+        self.recent_tokens = RecentTokens(wall)
+        self.started_at = wall()
+        self.last_reload: dict[str, object] | None = None
+        self.wall = wall
         self._log = stream_logger(log_format, out)
         self._perf = perf
 
@@ -585,6 +592,7 @@ class Observer:
         duration = self._perf() - ex.started
         self.access.log(ex, duration)
         self.metrics.observe(ex, duration)
+        self.recent.observe(ex, duration)
 
     def flush(self) -> None:
         """Write access lines still held (see ``AccessLog.log``)."""
@@ -593,6 +601,7 @@ class Observer:
     def token_event(self, event: str, fields: Mapping[str, object]) -> None:
         log_token_event(event, fields, self._log)
         self.metrics.token_event(event, fields)
+        self.recent_tokens.event(event, fields)
 
     def in_flight(self) -> AbstractContextManager[None]:
         """Wrap a request's handling: the in-flight gauge cannot drift on errors."""
@@ -603,6 +612,7 @@ class Observer:
 
     def reload_done(self, ok: bool) -> None:
         self.metrics.config_reloaded(ok)
+        self.last_reload = {"time": self.wall(), "outcome": "success" if ok else "error"}
 
     def warning(self, event: str, **fields: object) -> None:
         """An operational warning on the proxy's own log stream (start-up, reload)."""

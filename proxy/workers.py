@@ -358,7 +358,8 @@ class BrokeredTokenSource(CachedTokenSource):
         super().invalidate(stale)
         self._broker.stale = stale.value
 
-    async def renew(self) -> Token:
+    async def renew(self, *, login: bool = False) -> Token:
+        """The parent renews (a credentials test is a forced renewal there), then us."""
         await self._broker.client.token(self.name, None, renew=True)
         return await super().renew()
 

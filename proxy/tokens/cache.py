@@ -118,14 +118,15 @@ class CachedTokenSource:
 
     # -- admin ----------------------------------------------------------------
 
-    async def renew(self) -> Token:
+    async def renew(self, *, login: bool = False) -> Token:
         """Fetch a new token now (an operator asked), sharing a fetch in flight. A cool-down
         holds here too: whoever reaches the admin endpoint, however often, cannot make a
-        refused password or secret hit the IdP again before it ends."""
+        refused password or secret hit the IdP again before it ends. ``login`` tests the
+        credentials themselves: no refresh token is used."""
         task = self._inflight
         if task is None:
             self._check_cooldown(self._clock())
-            task = self._start("forced")
+            task = self._start("tested" if login else "forced")
         return await asyncio.shield(task)
 
     def state(self) -> dict[str, Any]:
@@ -144,6 +145,9 @@ class CachedTokenSource:
             "last_error_detail": None if failure is None else failure.detail,
             "last_error_vendor_detail": None if failure is None else failure.vendor_detail,
             "cooldown_seconds_left": self._cooldown_left(now),
+            "refresh_in_seconds": (
+                round(self._refresh_due - now, 3) if math.isfinite(self._refresh_due) else None
+            ),
         }
 
     async def aclose(self) -> None:
@@ -227,7 +231,7 @@ class CachedTokenSource:
 
     async def _fetch(self, reason: str) -> Token:
         """The one fetch in flight; it clears ``_inflight`` itself, before anyone hears of it."""
-        current = self._token
+        current = None if reason == "tested" else self._token
         try:
             token, step = await self._fetch_with_retries(current)
         except TransientTokenError as exc:
