@@ -330,7 +330,11 @@ class Route(Model):
     @field_validator("websocket", mode="before")
     @classmethod
     def _websocket(cls, v: object) -> object:
-        return {"enabled": v} if isinstance(v, bool) else v
+        if isinstance(v, bool):
+            return {"enabled": v}
+        if not isinstance(v, dict | WebSocket):
+            raise ValueError("websocket must be true, false or a mapping {enabled, max_message}")
+        return v
 
     @field_validator("prefix")
     @classmethod

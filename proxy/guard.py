@@ -166,8 +166,8 @@ class _UpgradeMirror:
         self._upgrade = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"upgrade":
-            self._upgrade = value.strip().lower()
+        if not self._upgrade and name.lower() == b"upgrade":  # the first, as aiohttp reads it
+            self._upgrade = value.strip().lower() or b" "
 
     def feed(self, data: bytes) -> int | None:
         """Where in ``data`` a non-tunnelled upgrade request ends; None: nowhere. Stops the

@@ -170,13 +170,14 @@ async def test_connect_is_refused_and_the_connection_closed_on_both_paths(
 H2C = "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAA\r\n"
 
 
+@pytest.mark.parametrize("upgrade", [H2C, H2C + "Upgrade: websocket\r\n"], ids=["h2c", "h2c-first"])
 @pytest.mark.parametrize("path", PATHS)
 async def test_h2c_upgrade_is_ignored_and_the_pipelined_request_answered(
-    start_proxy: StartProxy, path: str
+    start_proxy: StartProxy, path: str, upgrade: str
 ) -> None:
     async with echo_upstream() as (up, url):
         proxy = await start_proxy(config(url))
-        served, after = await exchange(proxy.port, PATHS[path], req("/svc/u", H2C), "GET")
+        served, after = await exchange(proxy.port, PATHS[path], req("/svc/u", upgrade), "GET")
     assert (served.status, after.status) == (200, 200)
     assert served.body.startswith(b"GET /base/u HTTP/1.1\r\n")
     assert after.body.startswith(b"GET /base/after HTTP/1.1\r\n")

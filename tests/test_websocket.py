@@ -217,6 +217,7 @@ def test_bad_websocket_setting_is_refused_at_its_key_path(text: str, tmp_path: P
     with pytest.raises(ConfigError) as err:
         _route_ws(text, tmp_path)
     assert err.value.path.startswith("routes[0].websocket"), err.value.path
+    assert "WebSocket" not in err.value.problem  # the class name is not the user's word
 
 
 async def test_websocket_off_refuses_the_upgrade(
