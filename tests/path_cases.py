@@ -24,6 +24,7 @@ TRAVERSALS = [
     "/..;jsessionid=x/etc",
     "/..%3b/etc",
     "/..%20/etc",
+    "/..+/etc",
     "/..%3fx=/etc",
     "/..%23/etc",
     # percent-encoded once, twice, three times, with an encoded percent sign
@@ -143,6 +144,7 @@ HARMLESS = [
     "/x/.",
     "/%2e",
     "/a;b=1",
+    "/c++/a+b.txt",
     "/a%2Fb/c%3B%20d;v=1",
     "/%EF%BC%8E",  # one full-width dot: a "." segment
     "/%E2%80%A5x",  # two-dot leader then x: "..x"

@@ -190,6 +190,11 @@ _LOOSE_BYTES = {
 }
 
 
+def plus_as_space(data: bytes) -> bytes:
+    """Form decoding (Java's ``URLDecoder`` on a path): ``+`` is a space, so ``..+`` is ``.. ``."""
+    return data.replace(b"+", b" ") if b"+" in data else data
+
+
 def u_escapes_decoded(data: bytes) -> bytes:
     """IIS ``%uXXXX`` escapes as the UTF-8 of their code point."""
     if b"%u" not in data and b"%U" not in data:
@@ -235,6 +240,7 @@ READINGS: tuple[Reading, ...] = (
     Reading("percent-decoded", percent_decoded),
     Reading("percent-decoded with loose hex digits", loose_percent_decoded),
     Reading("%u escapes decoded", u_escapes_decoded),
+    Reading("+ read as a space", plus_as_space),
     Reading("overlong UTF-8 decoded", overlong_decoded),
     Reading("UTF-8 read without checking continuation bytes", continuation_unchecked),
     Reading("invalid UTF-8 bytes dropped", invalid_bytes_dropped),
