@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import (
 )
 
 from proxy.forward.exchange import Exchange
+from proxy.forward.spool import Budget
 
 EventDict = MutableMapping[str, Any]
 TokenStates = Callable[[], Mapping[str, Mapping[str, object]]]
@@ -306,7 +307,7 @@ METHODS = {
     m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 }
 REPLAY_OUTCOMES = frozenset(
-    {"succeeded", "unauthorized_again", "body_too_large", "response_too_large"}
+    {"succeeded", "unauthorized_again", "body_too_large", "budget", "response_too_large"}
 )
 UPSTREAM_ERRORS = frozenset({"connect", "timeout", "reset", "tls"})
 MAX_LABEL_VALUES = 256  # per label set family: a bug upstream of here cannot explode the series
@@ -369,6 +370,7 @@ class Metrics:
         self._token_requests: dict[tuple[str, str, str], int] = {}
         self._reloads = {"success": 0, "error": 0}
         self._token_states: TokenStates | None = None
+        self._budgets: tuple[Budget, Budget] | None = None
         self.in_flight_now = 0
         self.registry.register(self)
 
@@ -424,6 +426,10 @@ class Metrics:
         called at each scrape."""
         self._token_states = states
 
+    def set_replay_budgets(self, memory: Budget, disk: Budget) -> None:
+        """The forwarder's budgets, whose use is read at each scrape."""
+        self._budgets = (memory, disk)
+
     def config_reloaded(self, ok: bool) -> None:
         self._reloads["success" if ok else "error"] += 1
 
@@ -453,6 +459,18 @@ class Metrics:
         yield GaugeMetricFamily(
             "tokenrelay_requests_in_flight", "Requests being handled", value=self.in_flight_now
         )
+        if self._budgets is not None:
+            memory, disk = self._budgets
+            yield GaugeMetricFamily(
+                "tokenrelay_replay_memory_bytes",
+                "Request body bytes held in memory for a replay (limits.replay_memory)",
+                value=memory.used,
+            )
+            yield GaugeMetricFamily(
+                "tokenrelay_replay_disk_bytes",
+                "Request body bytes held in spool files for a replay (limits.replay_disk)",
+                value=disk.used,
+            )
 
     def _route_families(self) -> Iterator[Metric]:
         stats = list(self._routes.values())
@@ -575,6 +593,9 @@ class Observer:
 
     def reload_done(self, ok: bool) -> None:
         self.metrics.config_reloaded(ok)
+
+    def set_replay_budgets(self, memory: Budget, disk: Budget) -> None:
+        self.metrics.set_replay_budgets(memory, disk)
 
     def warning(self, event: str, **fields: object) -> None:
         """An operational warning on the proxy's own log stream (start-up, reload)."""
