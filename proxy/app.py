@@ -131,6 +131,8 @@ class Runtime:
             gen = self.build(loaded, self.generation.registry)
             self.generation = gen
             self.loaded = loaded
+            if self.forwarder is not None:
+                self.forwarder.apply(loaded.config.limits)
             return gen
 
 

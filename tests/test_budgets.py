@@ -15,10 +15,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from proxy.config import parse_config
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder
 from tests.conftest import Proxy, StartProxy, StartUpstream
 from tests.helpers import provider_json
+from tests.test_replay import Gatekeeper
 from tests.vendors import Simplifi, serve
 
 KIB, MIB = 1024, 1024 * 1024
@@ -332,3 +334,40 @@ routes:
             assert not [p for p in spool_dir.rglob("*") if p.is_file()]
             await gate.put(None)
             assert await resp.read() == b""
+
+
+async def test_a_reload_resizes_the_budgets(
+    start_proxy: StartProxy,
+    start_upstream: StartUpstream,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    gate = Gatekeeper(reject_first=2)  # the first two tokens are refused
+    up = await start_upstream(gate.app())
+    async with serve(Simplifi()) as vendor:
+
+        def text(memory: str) -> str:
+            return f"""
+limits: {{replay_memory: {memory}, replay_disk: 0}}
+providers:
+  v: {provider_json(vendor)}
+routes:
+  - {{prefix: /api/, upstream: "{up}/", provider: v}}
+"""
+
+        proxy = await start_proxy(text("0"))
+        blob = random.Random(2).randbytes(100 * KIB)
+        async with client.post(proxy.url / "api" / "x", data=blob) as resp:
+            assert resp.status == 401, "no budget: the vendor's 401, unreplayed"
+
+        async def reloader() -> object:
+            return parse_config(text("1MiB"), "test.yaml", {})
+
+        proxy.runtime.reloader = reloader  # type: ignore[assignment]
+        await proxy.runtime.reload()
+        async with client.post(proxy.url / "api" / "x", data=blob) as resp:
+            assert resp.status == 200, "room now: replayed with a fresh token"
+            assert (await resp.json())["sha256"] == hashlib.sha256(blob).hexdigest()
+        assert [n for _, _, n in gate.seen] == [len(blob)] * 3
+        forwarder = proxy.runtime.forwarder
+        assert forwarder is not None and forwarder.memory.limit == MIB

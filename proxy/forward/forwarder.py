@@ -169,9 +169,15 @@ class Forwarder:
         self._session = session
         self._client = client or Client()
         self._spool_dir = spool_dir
-        limits = limits or Limits()
-        self.memory = Budget(int(limits.replay_memory))
-        self.disk = Budget(int(limits.replay_disk))
+        self.memory = Budget(0)
+        self.disk = Budget(0)
+        self.apply(limits or Limits())
+
+    def apply(self, limits: Limits) -> None:
+        """The budgets' sizes, at start and on reload; what is held stays held, and a lowered
+        budget refuses new bodies until enough of it is given back."""
+        self.memory.limit = int(limits.replay_memory)
+        self.disk.limit = int(limits.replay_disk)
 
     async def aclose(self) -> None:
         """Close the pooled upstream connections (the session is the caller's)."""
