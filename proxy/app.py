@@ -161,6 +161,8 @@ class Runtime:
             self.generation = gen
             self.loaded = loaded
             self.discover()
+            if self.forwarder is not None:
+                self.forwarder.apply(loaded.config.limits)
             return gen
 
 
@@ -288,7 +290,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         raise ConfigError(rt.loaded.path, "spool_dir", str(err)) from None
     rt.session = make_session(config)
     rt.token_session = make_token_session(config)
-    rt.forwarder = Forwarder(rt.session, rt.spool_dir, Client())
+    rt.forwarder = Forwarder(rt.session, rt.spool_dir, Client(), config.limits)
+    rt.observer.set_replay_budgets(rt.forwarder.memory, rt.forwarder.disk)
     try:
         rt.generation = rt.build(rt.loaded, None)
     except ConfigError:  # start-up fails: aiohttp runs no cleanup, so close what is open

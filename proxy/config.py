@@ -434,6 +434,10 @@ class Limits(Model):
     keepalive_timeout: float = Field(default=75.0, gt=0)
     header_timeout: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=10000, ge=1)
+    # process-wide: what all replayable request bodies together may hold, in memory and in
+    # spool files; a body past them streams without the replay option
+    replay_memory: ByteSize = ByteSize(64 * 1024 * 1024)
+    replay_disk: ByteSize = ByteSize(1024 * 1024 * 1024)
 
 
 def _network(v: str) -> str:

@@ -36,6 +36,7 @@ from proxy import __version__
 from proxy.config import ADMIN_PREFIX
 from proxy.forward.exchange import Exchange
 from proxy.recent import RecentRequests, RecentTokens
+from proxy.forward.spool import Budget
 
 EventDict = MutableMapping[str, Any]
 TokenStates = Callable[[], Mapping[str, Mapping[str, object]]]
@@ -315,7 +316,7 @@ METHODS = {
     m: m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 }
 REPLAY_OUTCOMES = frozenset(
-    {"succeeded", "unauthorized_again", "body_too_large", "response_too_large"}
+    {"succeeded", "unauthorized_again", "body_too_large", "budget", "response_too_large"}
 )
 UPSTREAM_ERRORS = frozenset({"connect", "timeout", "reset", "tls"})
 UNPROXIED = frozenset({ADMIN_PREFIX, "none"})  # admin answers; requests that matched no route
@@ -381,6 +382,7 @@ class Metrics:
         self._reloads = {"success": 0, "error": 0}
         self._file_changes = 0
         self._token_states: TokenStates | None = None
+        self._budgets: tuple[Budget, Budget] | None = None
         self.in_flight_now = 0
         self.registry.register(self)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, RSS, open fds
@@ -437,6 +439,10 @@ class Metrics:
         called at each scrape."""
         self._token_states = states
 
+    def set_replay_budgets(self, memory: Budget, disk: Budget) -> None:
+        """The forwarder's budgets, whose use is read at each scrape."""
+        self._budgets = (memory, disk)
+
     def config_reloaded(self, ok: bool) -> None:
         self._reloads["success" if ok else "error"] += 1
 
@@ -480,6 +486,18 @@ class Metrics:
         yield GaugeMetricFamily(
             "tokenrelay_requests_in_flight", "Requests being handled", value=self.in_flight_now
         )
+        if self._budgets is not None:
+            memory, disk = self._budgets
+            yield GaugeMetricFamily(
+                "tokenrelay_replay_memory_bytes",
+                "Request body bytes held in memory for a replay (limits.replay_memory)",
+                value=memory.used,
+            )
+            yield GaugeMetricFamily(
+                "tokenrelay_replay_disk_bytes",
+                "Request body bytes held in spool files for a replay (limits.replay_disk)",
+                value=disk.used,
+            )
 
     def _route_families(self) -> Iterator[Metric]:
         stats = list(self._routes.values())
@@ -613,6 +631,9 @@ class Observer:
     def reload_done(self, ok: bool) -> None:
         self.metrics.config_reloaded(ok)
         self.last_reload = {"time": self.wall(), "outcome": "success" if ok else "error"}
+
+    def set_replay_budgets(self, memory: Budget, disk: Budget) -> None:
+        self.metrics.set_replay_budgets(memory, disk)
 
     def warning(self, event: str, **fields: object) -> None:
         """An operational warning on the proxy's own log stream (start-up, reload)."""

@@ -14,7 +14,7 @@ from proxy.config import Config, Loaded
 from proxy.problems import ConfigError
 
 START_ONLY = ("listen", "admin", "spool_dir", "trust_env", "shutdown_grace", "limits")
-RELOADABLE_LIMITS = frozenset({"max_body"})  # read per route when a generation is built
+RELOADABLE_LIMITS = frozenset({"max_body", "replay_memory", "replay_disk"})  # applied per reload
 
 
 def restart_needed(running: Config, new: Config) -> list[str]:

@@ -84,6 +84,13 @@ def test_sizes_take_units() -> None:
     assert route.max_body == 1024**3
 
 
+def test_replay_budgets_take_units_and_default_to_64mib_and_1gib() -> None:
+    limits = parse_config("limits: {replay_memory: 8MiB, replay_disk: 2GB}\n", env={}).config.limits
+    assert (limits.replay_memory, limits.replay_disk) == (8 * 1024**2, 2 * 10**9)
+    defaults = parse_config("{}\n", env={}).config.limits
+    assert (defaults.replay_memory, defaults.replay_disk) == (64 * 1024**2, 1024**3)
+
+
 @pytest.mark.parametrize(
     ("text", "path"),
     [
@@ -91,6 +98,8 @@ def test_sizes_take_units() -> None:
             "routes:\n  - {prefix: /a/, upstream: 'http://127.0.0.1/', replay: {memory: lots}}\n",
             "routes[0].replay.memory",
         ),
+        ("limits: {replay_memory: lots}\n", "limits.replay_memory"),
+        ("limits: {replay_disk: -1}\n", "limits.replay_disk"),
         ("providers:\n  p: {grant: client_credentials, client_id: x}\n", "providers.p"),
         ("providers:\n  p: {preset: acme}\n", "providers.p.preset"),
         ("clients:\n  - {id: a}\n", "clients[0]"),

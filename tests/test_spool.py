@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.forward.spool import Spool, spool_root
+from proxy.forward.spool import Budget, Spool, spool_root
 from proxy.problems import ConfigError
 
 KIB = 1024
@@ -334,3 +334,97 @@ def test_any_chunking_reproduces_body(sizes: list[int]) -> None:
             assert asyncio.run(replay(spool, chunk_size=50)) == body
         path = spool.path
     assert path is None or not path.exists()
+
+
+# --- the process's budgets: what every spool together may hold
+
+
+def test_chunk_the_memory_budget_refuses_sends_the_body_to_disk(root: Path) -> None:
+    memory, disk = Budget(100), Budget(1000)
+    with Spool(1000, 1000, root, memory=memory, disk=disk) as spool:
+        spool.write(b"a" * 60)
+        assert not spool.on_disk and (memory.used, disk.used) == (60, 0)
+        spool.write(b"b" * 60)  # within the route's memory, not the process's
+        assert spool.on_disk and (memory.used, disk.used) == (0, 120)
+        assert spool.path is not None and spool.path.stat().st_size == 120
+        assert spool.replayable
+    assert (memory.used, disk.used) == (0, 0) and files_in(root) == []
+
+
+async def test_chunk_no_budget_has_room_for_ends_keeping_not_the_stream(root: Path) -> None:
+    memory, disk = Budget(100), Budget(150)
+    with Spool(1000, 1000, root, memory=memory, disk=disk) as spool:
+        spool.write(b"a" * 90)
+        spool.write(b"b" * 50)
+        assert spool.on_disk and disk.used == 140
+        spool.write(b"c" * 20)
+        assert spool.over_budget and not spool.replayable and not spool.overflowed
+        assert (memory.used, disk.used) == (0, 0) and files_in(root) == []
+        spool.write(b"d" * 10)
+        assert spool.size == 170 and disk.used == 0, "what streams on is counted, not kept"
+        with pytest.raises(RuntimeError, match="cannot be replayed"):
+            await replay(spool)
+    assert memory.peak == 90 and disk.peak == 140
+
+
+async def test_known_length_reserved_whole_in_memory_else_on_disk_else_not_kept(
+    root: Path,
+) -> None:
+    memory, disk = Budget(100), Budget(100)
+    in_memory = Spool(100, 1000, root, memory=memory, disk=disk, length=80)
+    on_disk = Spool(100, 1000, root, memory=memory, disk=disk, length=60)
+    refused = Spool(100, 1000, root, memory=memory, disk=disk, length=50)
+    assert (memory.used, disk.used) == (80, 60), "reserved before a byte arrived"
+    assert refused.over_budget and not refused.replayable
+    for spool, n in ((in_memory, 80), (on_disk, 60), (refused, 50)):
+        for i in range(0, n, 7):
+            spool.write(bytes([i]) * min(7, n - i))
+    assert not in_memory.on_disk and on_disk.on_disk and refused.path is None
+    assert (memory.used, disk.used) == (80, 60), "the body's writes reserve nothing more"
+    assert len(await replay(in_memory)) == 80 and len(await replay(on_disk)) == 60
+    for spool in (in_memory, on_disk, refused):
+        spool.close()
+    assert (memory.used, disk.used) == (0, 0) and files_in(root) == []
+
+
+def test_forgotten_spool_gives_its_budget_back(root: Path) -> None:
+    memory, disk = Budget(100), Budget(100)
+    kept = Spool(50, 1000, root, memory=memory, disk=disk)
+    kept.write(b"x" * 40)
+    spilled = Spool(10, 1000, root, memory=memory, disk=disk)
+    spilled.write(b"y" * 40)
+    assert (memory.used, disk.used) == (40, 40)
+    del kept, spilled
+    gc.collect()
+    assert (memory.used, disk.used) == (0, 0) and files_in(root) == []
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bodies=st.lists(st.lists(THRESHOLD_SIZES, max_size=6), min_size=1, max_size=5),
+    known=st.booleans(),
+)
+def test_spools_together_never_hold_more_than_the_budgets(
+    bodies: list[list[int]], known: bool
+) -> None:
+    directory = spool_root(None)
+    memory, disk = Budget(200), Budget(300)
+    blobs = [[bytes([i]) * n for n in sizes] for i, sizes in enumerate(bodies)]
+    spools = [
+        Spool(
+            64, 256, directory, memory=memory, disk=disk, length=sum(map(len, b)) if known else None
+        )
+        for b in blobs
+    ]
+    for step in range(max(map(len, blobs))):  # interleaved, as concurrent uploads are
+        for spool, chunks in zip(spools, blobs, strict=True):
+            if step < len(chunks):
+                spool.write(chunks[step])
+                assert memory.used <= memory.limit and disk.used <= disk.limit
+    on_disk = sum(s.path.stat().st_size for s in spools if s.path is not None)
+    assert disk.used == on_disk, "the disk budget counts what the files hold"
+    for spool, chunks in zip(spools, blobs, strict=True):
+        if spool.replayable:
+            assert asyncio.run(replay(spool, chunk_size=50)) == b"".join(chunks)
+        spool.close()
+    assert (memory.used, disk.used) == (0, 0)

@@ -22,6 +22,7 @@ class Exchange:
     bytes_out: int = 0  # response body bytes written to the client
     replayed: bool = False
     replay_outcome: str = ""  # "", "succeeded", "unauthorized_again", "body_too_large" (the
-    # request body), "response_too_large" (the 401 itself: relayed as sent)
+    # request body), "budget" (the body did not fit the process's replay budgets),
+    # "response_too_large" (the 401 itself: relayed as sent)
     error: str = ""  # short reason when it failed: "connect", "timeout", "token", "client_gone"...
     upstream_error: str = ""  # "connect", "timeout", "reset", "tls" when the upstream failed

@@ -20,7 +20,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.config import Route
+from proxy.config import Limits, Route
 from proxy.forward.downstream import Downstream, Inbound, Sink
 from proxy.forward.exchange import Exchange
 from proxy.forward.headers import (
@@ -32,7 +32,7 @@ from proxy.forward.headers import (
 )
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
-from proxy.forward.spool import Spool
+from proxy.forward.spool import Budget, Spool
 from proxy.forward.transport import Client, Response, SinkFailed, TransportError
 from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
 from proxy.tokens.source import Token, TokenSource
@@ -153,17 +153,31 @@ class BodyReader:
 
 
 class Forwarder:
-    """Requests go out on the lean ``client``; routes behind an env proxy use ``session``."""
+    """Requests go out on the lean ``client``; routes behind an env proxy use ``session``.
+
+    ``memory`` and ``disk`` are the process's replay budgets (``limits.replay_memory`` and
+    ``limits.replay_disk``), shared by every route: small bodies read whole and spools draw
+    on them, and a body they cannot hold streams without the replay option."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         spool_dir: Path,
         client: Client | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._session = session
         self._client = client or Client()
         self._spool_dir = spool_dir
+        self.memory = Budget(0)
+        self.disk = Budget(0)
+        self.apply(limits or Limits())
+
+    def apply(self, limits: Limits) -> None:
+        """The budgets' sizes, at start and on reload; what is held stays held, and a lowered
+        budget refuses new bodies until enough of it is given back."""
+        self.memory.limit = int(limits.replay_memory)
+        self.disk.limit = int(limits.replay_disk)
 
     async def aclose(self) -> None:
         """Close the pooled upstream connections (the session is the caller's)."""
@@ -184,10 +198,13 @@ class Forwarder:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds {limit} bytes")
         if not request.body_exists:
             return await self._exchange(request, route, url, headers, ex, None, None)
-        if length is not None and length <= SMALL_BODY:
-            body = await _read_client(request.read_exactly(length), route.config.timeout.read)
-            ex.bytes_in = length
-            return await self._exchange(request, route, url, headers, ex, body, None)
+        if length is not None and length <= SMALL_BODY and self.memory.reserve(length):
+            try:  # else streamed below, as a larger body: its spool may still find disk
+                body = await _read_client(request.read_exactly(length), route.config.timeout.read)
+                ex.bytes_in = length
+                return await self._exchange(request, route, url, headers, ex, body, None)
+            finally:
+                self.memory.release(length)
         spool = self._spool_for(route, length)
         try:
             reader = BodyReader(request, ex, spool, limit, route.config.timeout.read)
@@ -207,7 +224,14 @@ class Forwarder:
         cfg = route.config.replay
         if length is not None and length > cfg.max_body:
             return None
-        return Spool(int(cfg.memory), int(cfg.max_body), self._spool_dir)
+        return Spool(
+            int(cfg.memory),
+            int(cfg.max_body),
+            self._spool_dir,
+            memory=self.memory,
+            disk=self.disk,
+            length=length,
+        )
 
     async def _exchange(
         self,
@@ -223,6 +247,8 @@ class Forwarder:
         data = body if reader is None else reader.stream()
         first = await self._send(request.method, url, headers, route, token, data, ex)
         if first.status != 401 or token is None or route.source is None:
+            if reader is not None and reader.spool is not None:
+                reader.spool.close()  # no replay now: the budget is free while the answer streams
             return await self._relay(request, first, ex, route)
         final = await self._maybe_replay(
             request, route, url, headers, ex, token, first, body, reader
@@ -246,7 +272,7 @@ class Forwarder:
         if not route.replay:
             return first
         if reader is not None and (reader.spool is None or not reader.spool.replayable):
-            ex.replay_outcome = "body_too_large"
+            ex.replay_outcome = _not_kept(reader.spool)
             return first
         held = await _Buffered.hold(first, MAX_401_BODY)
         if not isinstance(held, _Buffered):
@@ -256,7 +282,7 @@ class Forwarder:
             await reader.finish()
             assert reader.spool is not None
             if not reader.spool.replayable:
-                ex.replay_outcome = "body_too_large"
+                ex.replay_outcome = _not_kept(reader.spool)
                 return held
         fresh = await route.source.token()
         data: bytes | AsyncIterator[bytes] | None = body
@@ -400,6 +426,11 @@ async def _splice(resp: Response, sink: Sink, ex: Exchange) -> None:
         raise _aborted(exc, ex) from exc
     finally:
         sink.on_flow(None, None)
+
+
+def _not_kept(spool: Spool | None) -> str:
+    """Why a request body cannot be replayed: over a budget, or over the route's limit."""
+    return "budget" if spool is not None and spool.over_budget else "body_too_large"
 
 
 def _aborted(exc: BaseException, ex: Exchange) -> UpstreamFailed:

@@ -2,8 +2,10 @@
 can be answered by sending it once more.
 
 Small bodies stay in memory; larger ones spill to a private temporary file (mode 0600, in a
-per-process directory of mode 0700). Past ``max_body`` the spool gives up keeping data: the
-request still streams upstream, it just cannot be replayed.
+per-process directory of mode 0700). Every kept byte is held against a process-wide
+``Budget`` (one for memory, one for disk): a chunk the memory budget refuses sends the body
+to disk, one the disk budget refuses ends keeping. Past ``max_body`` or a budget the spool
+gives up keeping data: the request still streams upstream, it just cannot be replayed.
 """
 
 from __future__ import annotations
@@ -108,11 +110,61 @@ def _remove_root(root: Path, pid: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _discard(fd: int, path: str) -> None:
-    """Runs exactly once per spill file, from ``close()`` or when the spool is collected."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    os.close(fd)
+class Budget:
+    """Bytes that every request of the process draws on, with what is held against them now
+    and at most so far. The event loop is the only writer (spools are written and closed on
+    it), so plain ints need no lock."""
+
+    __slots__ = ("limit", "peak", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def __repr__(self) -> str:
+        return f"<Budget {self.used}/{self.limit} peak={self.peak}>"
+
+    def reserve(self, n: int) -> bool:
+        """Hold ``n`` more bytes if they fit; False (and nothing held) if they do not."""
+        used = self.used + n
+        if used > self.limit:
+            return False
+        self.used = used
+        if used > self.peak:
+            self.peak = used
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+def unlimited() -> Budget:
+    """A budget nothing is refused by: a spool used on its own."""
+    return Budget(1 << 62)
+
+
+class _Kept:
+    """Where a spool's bytes are and what they hold against which budget. The spool's
+    finalizer refers to this, never to the spool, so ``let_go`` runs exactly once, from
+    ``close()`` or when a forgotten spool is collected: no file and no budget is leaked."""
+
+    __slots__ = ("budget", "fd", "held", "path")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.held = 0
+        self.fd = -1
+        self.path = ""
+
+    def let_go(self) -> None:
+        self.budget.release(self.held)
+        self.held = 0
+        if self.fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _read_at(fd: int, size: int, offset: int) -> Future[bytes]:
@@ -140,40 +192,72 @@ def _read_executor() -> ThreadPoolExecutor:
 class Spool:
     """One request body, kept for a possible replay.
 
-    ``size`` counts every byte written, kept or not. Not safe to write while ``chunks()`` runs:
-    the forwarder replays only once the body is complete.
+    ``size`` counts every byte written, kept or not (while replayable, every byte is kept).
+    Not safe to write while ``chunks()`` runs: the forwarder replays only once the body is
+    complete. ``memory`` and ``disk`` are the process's budgets (the forwarder's, shared by
+    every route); without them nothing is refused but ``memory_limit`` and ``max_body``.
+    With ``length`` (a Content-Length) the whole body is reserved up front, in memory or on
+    disk, or not kept at all: no body is half kept and then given up, its share wasted.
     """
 
-    def __init__(self, memory_limit: int, max_body: int, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        memory_limit: int,
+        max_body: int,
+        directory: Path | None = None,
+        *,
+        memory: Budget | None = None,
+        disk: Budget | None = None,
+        length: int | None = None,
+    ) -> None:
         self.memory_limit = memory_limit
         self.max_body = max_body
         self.directory = directory
         self.size = 0
         self.overflowed = False
+        self.over_budget = False
         self.failed: OSError | None = None
         self.closed = False
         self._memory: list[bytes] = []
-        self._kept = 0
-        self._fd = -1
-        self._path = ""
-        self._finalizer: weakref.finalize[[int, str], Spool] | None = None
+        self._disk = disk if disk is not None else unlimited()
+        self._kept = _Kept(memory if memory is not None else unlimited())
+        self._finalizer = weakref.finalize(self, self._kept.let_go)
+        if length is not None and 0 < length <= max_body:
+            self._reserve_up_front(length)
 
     def __repr__(self) -> str:
-        where = "file" if self._fd >= 0 else "memory"
+        where = "file" if self.on_disk else "memory"
         return f"<Spool size={self.size} in {where} replayable={self.replayable}>"
 
     @property
     def replayable(self) -> bool:
-        return not (self.overflowed or self.closed or self.failed is not None)
+        return not (self.overflowed or self.over_budget or self.closed or self.failed is not None)
 
     @property
     def on_disk(self) -> bool:
-        return self._fd >= 0
+        return self._kept.fd >= 0
 
     @property
     def path(self) -> Path | None:
         """The spill file while one exists; for inspection, never for reading the body."""
-        return Path(self._path) if self._fd >= 0 else None
+        return Path(self._kept.path) if self.on_disk else None
+
+    def _reserve_up_front(self, length: int) -> None:
+        if length <= self.memory_limit and self._cover(length):
+            return
+        if self._disk.reserve(length):
+            self._kept.budget, self._kept.held = self._disk, length
+        else:
+            self.over_budget = True
+
+    def _cover(self, total: int) -> bool:
+        """Hold ``total`` bytes against the current budget (what is held already counts)."""
+        kept = self._kept
+        if total > kept.held:
+            if not kept.budget.reserve(total - kept.held):
+                return False
+            kept.held = total
+        return True
 
     def write(self, chunk: bytes) -> None:
         """Keep ``chunk`` for a replay (the caller streams it upstream regardless)."""
@@ -185,56 +269,72 @@ class Spool:
             self._drop()
             return
         try:
-            if self._fd >= 0:
-                self._write_file(chunk)
-            elif self._kept + len(chunk) > self.memory_limit:
-                self._spill(chunk)
-            else:
+            if self._kept.budget is self._disk:
+                self._to_file(chunk)
+            elif self.size <= self.memory_limit and self._cover(self.size):
                 self._memory.append(chunk)
-                self._kept += len(chunk)
+            else:
+                self._spill(chunk)
         except OSError as exc:
             self.failed = exc
             self._drop()
 
+    def _to_file(self, chunk: bytes) -> None:
+        if not self._cover(self.size):
+            self._refused()
+            return
+        if self._kept.fd < 0:
+            self._open()
+        self._write_file(chunk)
+
     def _spill(self, chunk: bytes) -> None:
-        directory = self.directory or spool_root(None)
-        fd, self._path = tempfile.mkstemp(prefix="body-", dir=directory)
-        self._fd = fd
-        self._finalizer = weakref.finalize(self, _discard, fd, self._path)
-        self._kept = 0
+        """Move what memory holds, and ``chunk``, to a file, if the disk budget has room."""
+        kept = self._kept
+        if not self._disk.reserve(self.size):
+            self._refused()
+            return
+        kept.budget.release(kept.held)
+        kept.budget, kept.held = self._disk, self.size
+        self._open()
         for held in self._memory:
             self._write_file(held)
         self._memory.clear()
         self._write_file(chunk)
 
+    def _open(self) -> None:
+        directory = self.directory or spool_root(None)
+        self._kept.fd, self._kept.path = tempfile.mkstemp(prefix="body-", dir=directory)
+
+    def _refused(self) -> None:
+        """No budget for the next chunk: keep nothing, the body streams on unreplayable."""
+        self.over_budget = True
+        self._drop()
+
     def _write_file(self, chunk: bytes) -> None:
         view = memoryview(chunk)
         while view:
-            view = view[os.write(self._fd, view) :]
-        self._kept += len(chunk)
+            view = view[os.write(self._kept.fd, view) :]
 
     def _drop(self) -> None:
         self._memory.clear()
-        self._kept = 0
-        if self._finalizer is not None:
-            self._finalizer()
-        self._fd = -1
+        self._kept.let_go()
 
     async def chunks(self, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
         """The whole body again; memory chunks as written, file contents in ``chunk_size``."""
         if not self.replayable:
             raise RuntimeError("the request body was not kept and cannot be replayed")
-        if self._fd < 0:
+        kept = self._kept
+        if kept.fd < 0:
             for chunk in list(self._memory):
                 yield chunk
             return
-        end = self._kept
+        end = self.size
         offset = 0
         while offset < end:
-            if self._fd < 0:
+            if kept.fd < 0:
                 raise RuntimeError("spool closed during replay")
             data = await asyncio.wrap_future(
-                _read_at(self._fd, min(chunk_size, end - offset), offset)
+                _read_at(kept.fd, min(chunk_size, end - offset), offset)
             )
             if not data:
                 raise RuntimeError("spool file ended early")
@@ -244,7 +344,8 @@ class Spool:
     def close(self) -> None:
         """Forget the body and remove its file; safe to call any number of times."""
         self.closed = True
-        self._drop()
+        self._finalizer()
+        self._memory.clear()
 
     def __enter__(self) -> Spool:
         return self
