@@ -35,8 +35,8 @@ from prometheus_client.metrics_core import (
 from proxy import __version__
 from proxy.config import ADMIN_PREFIX
 from proxy.forward.exchange import Exchange
-from proxy.recent import RecentRequests, RecentTokens
 from proxy.forward.spool import Budget
+from proxy.recent import RecentRequests, RecentTokens
 
 EventDict = MutableMapping[str, Any]
 TokenStates = Callable[[], Mapping[str, Mapping[str, object]]]
