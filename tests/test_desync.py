@@ -313,6 +313,19 @@ def test_own_cases_are_distinct_and_cover_every_outcome() -> None:
     assert all(c.body for c in OWN_CASES if Outcome.ACCEPTED in (c.outcome, c.pure_python))
 
 
+@pytest.mark.skipif(PURE_PYTHON, reason="the parser does not matter here: main run only")
+def test_a_missing_corpus_is_a_listed_skip_and_the_rest_still_runs(tmp_path: Path) -> None:
+    """A fresh clone has no external corpus: the run says so, with the reason (-rs in the
+    pytest addopts), and our own cases run regardless."""
+    env = {**os.environ, "TOKENRELAY_DESYNC_CORPUS": str(tmp_path / "absent")}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "corpus_case or own_case and xchunked"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "SKIPPED [1] tests/test_desync.py" in done.stdout
+    assert f"no desync corpus at {tmp_path / 'absent'}" in done.stdout
+    assert "2 passed, 1 skipped" in done.stdout
+
+
 def _expected_body(case: Case) -> bytes:
     body = case.body()
     return b"hello" if body == CHUNKED_BODY else body
