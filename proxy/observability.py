@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import (
 )
 
 from proxy.forward.exchange import Exchange
+from proxy.forward.transport import ErrorKind
 
 EventDict = MutableMapping[str, Any]
 TokenStates = Callable[[], Mapping[str, Mapping[str, object]]]
@@ -308,7 +309,7 @@ METHODS = {
 REPLAY_OUTCOMES = frozenset(
     {"succeeded", "unauthorized_again", "body_too_large", "response_too_large"}
 )
-UPSTREAM_ERRORS = frozenset({"connect", "timeout", "reset", "tls"})
+UPSTREAM_ERRORS = frozenset(k.value for k in ErrorKind)  # protocol too: every kind is counted
 MAX_LABEL_VALUES = 256  # per label set family: a bug upstream of here cannot explode the series
 OVERFLOW = "other"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

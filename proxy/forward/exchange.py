@@ -24,4 +24,4 @@ class Exchange:
     replay_outcome: str = ""  # "", "succeeded", "unauthorized_again", "body_too_large" (the
     # request body), "response_too_large" (the 401 itself: relayed as sent)
     error: str = ""  # short reason when it failed: "connect", "timeout", "token", "client_gone"...
-    upstream_error: str = ""  # "connect", "timeout", "reset", "tls" when the upstream failed
+    upstream_error: str = ""  # a transport.ErrorKind when the upstream failed

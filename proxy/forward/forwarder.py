@@ -33,7 +33,18 @@ from proxy.forward.headers import (
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
 from proxy.forward.spool import Spool
-from proxy.forward.transport import Client, Response, SinkFailed, TransportError
+from proxy.forward.transport import (
+    Client,
+    ConnectFailed,
+    ErrorKind,
+    NotRepeated,
+    ProtocolError,
+    Response,
+    SinkFailed,
+    TransportError,
+    check_head,
+    repeatable,
+)
 from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
 from proxy.tokens.source import Token, TokenSource
 
@@ -313,6 +324,7 @@ class Forwarder:
     ) -> _ViaProxy:
         """aiohttp speaks to HTTP(S)_PROXY (CONNECT tunnels included); the lean client does not."""
         assert route.proxy is not None
+        again = repeatable(method, headers) and not isinstance(data, AsyncIterator)
         resp = await self._session.request(
             method,
             url,
@@ -324,7 +336,14 @@ class Forwarder:
             server_hostname=route.server_hostname,
             proxy=route.proxy[0],
             proxy_auth=route.proxy[1],
+            middlewares=(_retry_rule(again),),
         )
+        try:
+            no_body = method == "HEAD" or resp.status in NO_BODY_STATUSES
+            check_head(resp.status, resp.headers, not no_body)
+        except ProtocolError:
+            resp.close()
+            raise
         return _ViaProxy(resp)
 
     async def _relay(
@@ -460,6 +479,46 @@ class _Buffered:
         """As ``close``."""
 
 
+class _NoRetry(aiohttp.ClientConnectionError):
+    """aiohttp's connection failure before an answer, as an error aiohttp does not retry."""
+
+    def __init__(self, message: str, repeated: bool) -> None:
+        super().__init__(message)
+        self.repeated = repeated
+
+
+_BEFORE_ANSWER = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
+_NOT_RETRIED = (aiohttp.ClientConnectorError, aiohttp.ClientSSLError)
+
+
+def _retry_rule(again: bool) -> aiohttp.ClientMiddlewareType:
+    """The lean client's retry rule on aiohttp's client (routes behind an env proxy).
+
+    aiohttp sends a request once more when the connection fails before the answer
+    (``ClientOSError``, ``ServerDisconnectedError``) if its method is in its own idempotent
+    set, which holds PUT and DELETE, and never a POST with an idempotency key. This
+    middleware runs inside that loop and turns such a failure into one aiohttp does not
+    retry; a ``repeatable`` request with its body in memory (``again``) is sent once more
+    here instead. aiohttp does not say whether the connection was a reused one, so this
+    retry also covers a fresh connection that failed before answering.
+    """
+
+    async def rule(
+        req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        for attempt in (1, 2):
+            try:
+                return await handler(req)
+            except _NOT_RETRIED:
+                raise
+            except _BEFORE_ANSWER as exc:
+                if not again or attempt == 2:
+                    raise _NoRetry(str(exc), repeated=attempt == 2) from exc
+        raise AssertionError("unreachable")
+
+    return rule
+
+
 class _ViaProxy:
     """An aiohttp response (a route behind an env proxy) as the forwarder reads responses."""
 
@@ -515,30 +574,29 @@ class _Prefixed:
 Streamed = Upstream | _Prefixed  # a response whose body is read from the upstream
 
 _CLIENT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, TransportError)
-_TRANSPORT_DETAIL = {
-    "connect": "cannot connect to the upstream",
-    "protocol": "upstream sent a malformed response",
-}
 
 
 def _translate(exc: BaseException) -> UpstreamError:
     """Low-level client failures, translated once into the proxy's error tree."""
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, _NoRetry):
+        detail = TransportError.detail if exc.repeated else NotRepeated.detail
+        return UpstreamError(ErrorKind.RESET, detail)
     if isinstance(exc, TransportError):
-        detail = _TRANSPORT_DETAIL.get(exc.kind, "upstream connection failed")
-        if exc.kind == "connect" and exc.__cause__ is not None:
+        detail = exc.detail
+        if exc.kind == ErrorKind.CONNECT and exc.__cause__ is not None:
             detail = f"{detail}: {_reason(exc.__cause__)}"
         return UpstreamError(exc.kind, detail)
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        return UpstreamError("tls", f"TLS failure talking to the upstream: {_reason(exc)}")
+        return UpstreamError(ErrorKind.TLS, f"TLS failure talking to the upstream: {_reason(exc)}")
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
-        return UpstreamError("timeout", "upstream did not answer in time", status=504)
+        return UpstreamError(ErrorKind.TIMEOUT, "upstream did not answer in time", status=504)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("connect", f"cannot connect to the upstream: {_reason(exc)}")
+        return UpstreamError(ErrorKind.CONNECT, f"{ConnectFailed.detail}: {_reason(exc)}")
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return UpstreamError("protocol", "upstream sent a malformed response")
-    return UpstreamError("reset", "upstream connection failed")
+        return UpstreamError(ErrorKind.PROTOCOL, ProtocolError.detail)
+    return UpstreamError(ErrorKind.RESET, TransportError.detail)
 
 
 def _reason(exc: BaseException) -> str:
