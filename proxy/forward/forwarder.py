@@ -29,6 +29,7 @@ from proxy.forward.headers import (
     is_trusted,
     request_headers,
     response_headers,
+    sendable_reason,
 )
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
@@ -362,22 +363,23 @@ class Forwarder:
         rewrite_locations(headers, route.origin, route.base_path, route.prefix)
         headers["X-Request-Id"] = ex.request_id
         ex.status = resp.status
+        reason = sendable_reason(resp.reason)
         length = resp.content_length if resp.status not in NO_BODY_STATUSES else None
         complete = False
         try:
             if no_body:
-                await request.respond(resp.status, resp.reason, headers, b"", length)
+                await request.respond(resp.status, reason, headers, b"", length)
                 complete = True
                 return
             body = resp.body if isinstance(resp, _Buffered) else await _arrived_body(resp)
             if body is None:
                 assert not isinstance(resp, _Buffered)
-                await request.start(resp.status, resp.reason, headers, length)
+                await request.start(resp.status, reason, headers, length)
                 await self._stream(request, resp, ex)
                 complete = True
                 await request.finish()
                 return
-            await request.respond(resp.status, resp.reason, headers, body, length)
+            await request.respond(resp.status, reason, headers, body, length)
             ex.bytes_out += len(body)
             complete = True
         finally:
