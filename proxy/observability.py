@@ -32,7 +32,7 @@ from prometheus_client.metrics_core import (
 )
 
 from proxy.forward.exchange import Exchange
-from proxy.forward.transport import ErrorKind
+from proxy.forward.upstream_rules import ErrorKind
 
 EventDict = MutableMapping[str, Any]
 TokenStates = Callable[[], Mapping[str, Mapping[str, object]]]

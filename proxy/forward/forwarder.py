@@ -34,18 +34,16 @@ from proxy.forward.headers import (
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
 from proxy.forward.spool import Spool
-from proxy.forward.transport import (
-    Client,
+from proxy.forward.transport import Client, Response
+from proxy.forward.upstream_rules import (
     ConnectFailed,
     ErrorKind,
     NotRepeated,
     ProtocolError,
-    Response,
     SinkFailed,
     TransportError,
-    check_head,
-    repeatable,
 )
+from proxy.forward.via_proxy import NoRetry, ViaProxy, via_proxy
 from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
 from proxy.tokens.source import Token, TokenSource
 
@@ -296,7 +294,7 @@ class Forwarder:
             headers[AUTHORIZATION] = token.authorization
         try:
             if route.proxy is not None:
-                resp: Upstream = await self._via_proxy(method, url, headers, route, data)
+                resp: Upstream = await via_proxy(self._session, method, url, headers, route, data)
             else:
                 resp = await self._client.request(
                     method,
@@ -314,38 +312,6 @@ class Forwarder:
         if ex.ttfb is None:
             ex.ttfb = time.perf_counter() - ex.started
         return resp
-
-    async def _via_proxy(
-        self,
-        method: str,
-        url: URL,
-        headers: CIMultiDict[str],
-        route: RouteRuntime,
-        data: bytes | AsyncIterator[bytes] | None,
-    ) -> _ViaProxy:
-        """aiohttp speaks to HTTP(S)_PROXY (CONNECT tunnels included); the lean client does not."""
-        assert route.proxy is not None
-        again = repeatable(method, headers) and not isinstance(data, AsyncIterator)
-        resp = await self._session.request(
-            method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=route.timeout,
-            ssl=route.ssl,
-            server_hostname=route.server_hostname,
-            proxy=route.proxy[0],
-            proxy_auth=route.proxy[1],
-            middlewares=(_retry_rule(again),),
-        )
-        try:
-            no_body = method == "HEAD" or resp.status in NO_BODY_STATUSES
-            check_head(resp.status, resp.headers, not no_body)
-        except ProtocolError:
-            resp.close()
-            raise
-        return _ViaProxy(resp)
 
     async def _relay(
         self,
@@ -481,69 +447,7 @@ class _Buffered:
         """As ``close``."""
 
 
-class _NoRetry(aiohttp.ClientConnectionError):
-    """aiohttp's connection failure before an answer, as an error aiohttp does not retry."""
-
-    def __init__(self, message: str, repeated: bool) -> None:
-        super().__init__(message)
-        self.repeated = repeated
-
-
-_BEFORE_ANSWER = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
-_NOT_RETRIED = (aiohttp.ClientConnectorError, aiohttp.ClientSSLError)
-
-
-def _retry_rule(again: bool) -> aiohttp.ClientMiddlewareType:
-    """The lean client's retry rule on aiohttp's client (routes behind an env proxy).
-
-    aiohttp sends a request once more when the connection fails before the answer
-    (``ClientOSError``, ``ServerDisconnectedError``) if its method is in its own idempotent
-    set, which holds PUT and DELETE, and never a POST with an idempotency key. This
-    middleware runs inside that loop and turns such a failure into one aiohttp does not
-    retry; a ``repeatable`` request with its body in memory (``again``) is sent once more
-    here instead. aiohttp does not say whether the connection was a reused one, so this
-    retry also covers a fresh connection that failed before answering.
-    """
-
-    async def rule(
-        req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
-    ) -> aiohttp.ClientResponse:
-        for attempt in (1, 2):
-            try:
-                return await handler(req)
-            except _NOT_RETRIED:
-                raise
-            except _BEFORE_ANSWER as exc:
-                if not again or attempt == 2:
-                    raise _NoRetry(str(exc), repeated=attempt == 2) from exc
-        raise AssertionError("unreachable")
-
-    return rule
-
-
-class _ViaProxy:
-    """An aiohttp response (a route behind an env proxy) as the forwarder reads responses."""
-
-    __slots__ = ("_resp", "content_length", "headers", "reason", "status")
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.reason = resp.reason
-        self.headers = resp.headers
-        self.content_length = resp.content_length
-
-    async def readany(self) -> bytes:
-        return await self._resp.content.readany()
-
-    def release(self) -> None:
-        self._resp.release()
-
-    def close(self) -> None:
-        self._resp.close()
-
-
-Upstream = Response | _ViaProxy
+Upstream = Response | ViaProxy
 
 
 class _Prefixed:
@@ -582,7 +486,7 @@ def _translate(exc: BaseException) -> UpstreamError:
     """Low-level client failures, translated once into the proxy's error tree."""
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, _NoRetry):
+    if isinstance(exc, NoRetry):
         detail = TransportError.detail if exc.repeated else NotRepeated.detail
         return UpstreamError(ErrorKind.RESET, detail)
     if isinstance(exc, TransportError):

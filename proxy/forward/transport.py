@@ -8,9 +8,9 @@ once, a C parser for the answer, and body chunks handed over as they arrive, nev
 What ClientSession gave for free is rebuilt here on purpose: TLS (asyncio's SSL transport),
 a small DNS cache, connect and idle-read timeouts, idle expiry of pooled connections, one
 retry when a pooled connection turns out dead before it answered (only for a request that is
-safe to send twice: see ``repeatable``), 1xx interim responses skipped, and read-until-close
-bodies. A response head is judged before it is handed over (``check_status``,
-``check_transfer_encoding``, header text that is UTF-8), so a response the proxy cannot
+safe to send twice: ``upstream_rules.repeatable``), 1xx interim responses skipped, and
+read-until-close bodies. A response head is judged before it is handed over (the status,
+Transfer-Encoding and header text rules of ``upstream_rules``), so a response the proxy cannot
 relay as sent becomes a 502 while no byte of it has reached the client.
 
 A connection goes back to the pool only when both the request and the response were
@@ -25,15 +25,22 @@ import collections
 import collections.abc
 import socket
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.forward.headers import encode_head
+from proxy.forward.upstream_rules import BodyFailed as BodyFailed
+from proxy.forward.upstream_rules import ConnectFailed as ConnectFailed
+from proxy.forward.upstream_rules import ConnectionLost as ConnectionLost
+from proxy.forward.upstream_rules import NotRepeated as NotRepeated
+from proxy.forward.upstream_rules import ProtocolError as ProtocolError
+from proxy.forward.upstream_rules import SinkFailed as SinkFailed
+from proxy.forward.upstream_rules import TransportError as TransportError
+from proxy.forward.upstream_rules import check_status, check_transfer_encoding, repeatable
 
 KEEPALIVE = 30.0  # idle pooled connections older than this are closed (aiohttp's default)
 DNS_TTL = 10.0
@@ -44,110 +51,11 @@ MAX_HEADERS = 100
 _NO_LENGTH_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FRAMING_NAMES = ("content-length", "transfer-encoding")
-# sent once more on a fresh connection when a reused one closed before answering, as Go's
-# Transport does (TRACE too there; the proxy never forwards it)
-REPEATABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-IDEMPOTENCY_HEADERS = ("Idempotency-Key", "X-Idempotency-Key")
-
 Body = bytes | AsyncIterable[bytes] | None
-
-
-class ErrorKind(StrEnum):
-    """Why an upstream exchange failed: ``upstream_error`` in problems, logs and metrics."""
-
-    CONNECT = "connect"
-    TLS = "tls"
-    RESET = "reset"
-    PROTOCOL = "protocol"
-    TIMEOUT = "timeout"
-
-
-class TransportError(Exception):
-    """The upstream exchange failed; ``kind`` is the forwarder's ``upstream_error`` and
-    ``detail`` what a client is told (the message may hold upstream text: logs only)."""
-
-    kind = ErrorKind.RESET
-    detail = "upstream connection failed"
-
-
-class ConnectFailed(TransportError):
-    """No TCP connection could be made (refused, unreachable, name not resolved)."""
-
-    kind = ErrorKind.CONNECT
-    detail = "cannot connect to the upstream"
-
-
-class ProtocolError(TransportError):
-    """The upstream's response is malformed or framed ambiguously: never trust the rest."""
-
-    kind = ErrorKind.PROTOCOL
-    detail = "upstream sent a malformed response"
-
-
-class ConnectionLost(TransportError):
-    """The upstream closed or reset the connection before the response was complete."""
-
-
-class NotRepeated(ConnectionLost):
-    """A reused connection closed before answering a request that is not safe to send twice:
-    the upstream may have acted on it, so it is not sent again."""
-
-    detail = (
-        "upstream closed the connection before answering; the request was not sent again "
-        "(not idempotent)"
-    )
-
-
-class BodyFailed(TransportError):
-    """The request body's source raised; the exception is chained."""
-
-
-class SinkFailed(TransportError):
-    """What a spliced body was handed to failed (the client went away); the cause is chained."""
 
 
 class _Stale(ConnectionLost):
     """A pooled connection died before answering a request that can be sent again."""
-
-
-def repeatable(method: str, headers: Mapping[str, str]) -> bool:
-    """Whether a request may be sent twice when the first attempt got no answer: a safe
-    method, or one whose client vouches for it with an idempotency key (Go's rule)."""
-    return method in REPEATABLE_METHODS or any(h in headers for h in IDEMPOTENCY_HEADERS)
-
-
-def check_status(status: int) -> None:
-    """A status outside 100-599 cannot be relayed as a status (RFC 9110 §15)."""
-    if not 100 <= status <= 599:
-        raise ProtocolError(f"upstream status {status} is outside 100-599")
-
-
-def check_transfer_encoding(codings: Iterable[str]) -> None:
-    """Exactly one ``chunked`` or none: any other coding (``gzip``, ``gzip, chunked``) leaves
-    the body's end to a guess, and the proxy relays bodies unencoded by hop codings."""
-    values = list(codings)
-    if len(values) > 1 or (values and values[0].strip(" \t").lower() != "chunked"):
-        raise ProtocolError("upstream Transfer-Encoding other than chunked")
-
-
-def check_head(status: int, headers: CIMultiDictProxy[str], body: bool) -> None:
-    """This module's rules for a head another client parsed (aiohttp's, via a proxy):
-    ``body`` says whether the response has one (not HEAD, 204 or 304)."""
-    check_status(status)
-    if body:
-        check_transfer_encoding(headers.getall("Transfer-Encoding", ()))
-    for name, value in headers.items():
-        if not (name.isascii() and (value.isascii() or _utf8(value))):
-            raise ProtocolError("upstream header holds bytes that are not UTF-8")
-
-
-def _utf8(text: str) -> bool:
-    """``text`` was decoded from valid UTF-8 (no surrogate stands for a stray byte)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass(slots=True)
@@ -450,7 +358,7 @@ class Response:
         if len(lengths) > 1 or (lengths and te is not None):
             self._callback_error = ProtocolError("upstream response framed two ways")
             raise self._callback_error
-        if body:
+        if body and te is not None:
             try:
                 check_transfer_encoding(raw.getall("Transfer-Encoding", ()))
             except ProtocolError as exc:
