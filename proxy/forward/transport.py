@@ -336,7 +336,7 @@ class Response:
             return
         self._interim = False
         self.status = status
-        # as header values are decoded: encode_head gives the client back the same bytes
+        # kept as sent; one that is not UTF-8 gets the standard phrase (sendable_reason)
         self.reason = self._status_text.decode("utf-8", "surrogateescape")
         self.headers = CIMultiDictProxy(self._raw)
         self.content_length = self._framing(not self._head_only and status not in (204, 304))
