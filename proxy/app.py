@@ -28,7 +28,7 @@ from yarl import URL
 from proxy import status
 from proxy.access import ClientAccess
 from proxy.config import Config, Listen, Loaded, Provider, Route, is_loopback
-from proxy.forward.downstream import AiohttpDownstream
+from proxy.forward.downstream import AiohttpDownstream, relayed_headers
 from proxy.forward.exchange import Exchange
 from proxy.forward.forwarder import Forwarder, RouteRuntime, UpstreamFailed
 from proxy.forward.framing import FramingError, close_after, validate_request
@@ -350,6 +350,7 @@ def create_app(
         loaded=loaded, clock=clock, observer=observer, registry_factory=registry_factory
     )
     app.cleanup_ctx.append(_lifecycle)
+    app.on_response_prepare.append(relayed_headers)
     handler = _handler(admin_on_main, rt)
     app[HANDLER] = handler
     app[DISPATCH] = _fast_dispatch(rt)

@@ -36,6 +36,7 @@ from proxy import __version__
 from proxy.config import ADMIN_PREFIX
 from proxy.forward.exchange import Exchange
 from proxy.forward.spool import Budget
+from proxy.forward.upstream_rules import ErrorKind
 from proxy.recent import RecentRequests, RecentTokens
 
 EventDict = MutableMapping[str, Any]
@@ -318,7 +319,7 @@ METHODS = {
 REPLAY_OUTCOMES = frozenset(
     {"succeeded", "unauthorized_again", "body_too_large", "budget", "response_too_large"}
 )
-UPSTREAM_ERRORS = frozenset({"connect", "timeout", "reset", "tls"})
+UPSTREAM_ERRORS = frozenset(k.value for k in ErrorKind)  # protocol too: every kind is counted
 UNPROXIED = frozenset({ADMIN_PREFIX, "none"})  # admin answers; requests that matched no route
 MAX_LABEL_VALUES = 256  # per label set family: a bug upstream of here cannot explode the series
 OVERFLOW = "other"

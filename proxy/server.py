@@ -684,12 +684,12 @@ class FastDownstream:
             reason = _PHRASES.get(status, "")
         lines = [f"HTTP/{head.version} {status} {reason}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        if framing:  # then Date and Server: the order aiohttp's server writes them in
+            lines.append(framing)
         if "Date" not in headers:
             lines.append(f"Date: {_http_date()}\r\n")
         if "Server" not in headers:
             lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
-        if framing:
-            lines.append(framing)
         if not keep and head.version == "1.1":
             lines.append("Connection: close\r\n")
         elif keep and head.version == "1.0":

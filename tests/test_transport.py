@@ -25,6 +25,7 @@ from proxy.forward.transport import (
     Client,
     ConnectFailed,
     ConnectionLost,
+    NotRepeated,
     ProtocolError,
     Response,
 )
@@ -124,8 +125,14 @@ async def body_of(resp: Response) -> bytes:
     return b"".join(parts)
 
 
-async def fetch(client: Client, url: URL, method: str = "GET", **kw: object) -> tuple[int, bytes]:
-    resp = await client.request(method, url, CIMultiDict(), **kw)  # type: ignore[arg-type]
+async def fetch(
+    client: Client,
+    url: URL,
+    method: str = "GET",
+    headers: CIMultiDict[str] | None = None,
+    **kw: object,
+) -> tuple[int, bytes]:
+    resp = await client.request(method, url, headers or CIMultiDict(), **kw)  # type: ignore[arg-type]
     body = b"" if method == "HEAD" else await body_of(resp)
     resp.release()
     return resp.status, body
@@ -297,16 +304,42 @@ async def test_a_body_until_close_ended_by_a_reset_is_an_error(
     resp.close()
 
 
-async def test_stale_pooled_connection_retried_once_when_replayable(
+async def test_stale_pooled_connection_retried_once_for_a_safe_request(
     serve: Serve, client: Client
 ) -> None:
-    # the first connection answers once, then hangs up on the next request: a keep-alive race
+    # the first connection answers once, then reads the next request and hangs up: the
+    # keep-alive race, where the upstream may have acted on what it read
     up = Upstream(lambda c, n, h: OK if c > 0 or n == 0 else None)
     url = await serve(up.handle)
     assert await fetch(client, url) == (200, b"ok")
-    assert await fetch(client, url, "POST", body=b"again") == (200, b"ok")
+    assert await fetch(client, url, "GET") == (200, b"ok")
     assert up.connections == 2
-    assert up.requests[-1][1] == b"again"
+    assert len(up.requests) == 3  # the GET twice: once unanswered, once on a fresh connection
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH", "DELETE", "PUT"])
+async def test_stale_pooled_connection_not_retried_for_a_request_not_safe_twice(
+    method: str, serve: Serve, client: Client
+) -> None:
+    up = Upstream(lambda c, n, h: OK if c > 0 or n == 0 else None)
+    url = await serve(up.handle)
+    assert await fetch(client, url) == (200, b"ok")
+    with pytest.raises(NotRepeated):
+        await fetch(client, url, method, body=b"once")
+    assert up.connections == 1
+    assert [body for _, body in up.requests] == [b"", b"once"]
+
+
+async def test_stale_pooled_connection_retried_for_a_post_with_an_idempotency_key(
+    serve: Serve, client: Client
+) -> None:
+    up = Upstream(lambda c, n, h: OK if c > 0 or n == 0 else None)
+    url = await serve(up.handle)
+    assert await fetch(client, url) == (200, b"ok")
+    key = CIMultiDict({"Idempotency-Key": "k-1"})
+    assert await fetch(client, url, "POST", body=b"again", headers=key) == (200, b"ok")
+    assert up.connections == 2
+    assert [body for _, body in up.requests] == [b"", b"again", b"again"]
 
 
 async def test_stale_connection_not_retried_once_a_stream_was_read(

@@ -97,10 +97,29 @@ class Downstream(Inbound, Protocol):
         ...
 
 
-class _Coalesced(web.StreamResponse):
+class _Relayed(web.StreamResponse):
+    """An upstream's response, which goes out with the upstream's headers as the lean server
+    sends them: ``prepare`` adds ``Content-Type: application/octet-stream`` to a response
+    with a body and none (RFC 9110 §8.3 lets a recipient guess; a proxy should not), and
+    ``relayed_headers`` takes it out again."""
+
+    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self.typed = "Content-Type" in headers
+
+
+class _Coalesced(_Relayed):
     """Holds its head until the body (or the end) is written: one write, not two."""
 
     _send_headers_immediately = False
+
+
+async def relayed_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """An ``on_response_prepare`` signal (run after aiohttp set its defaults, before the head
+    is written): a relayed response keeps no Content-Type the upstream did not send. Date,
+    Server and the framing headers are added as the lean server adds them."""
+    if isinstance(response, _Relayed) and not response.typed:
+        response.headers.popall("Content-Type", None)
 
 
 class AiohttpDownstream:
@@ -160,7 +179,7 @@ class AiohttpDownstream:
         body: bytes,
         length: int | None,
     ) -> None:
-        out = self.response = _Coalesced(status=status, reason=_sendable(reason), headers=headers)
+        out = self.response = _Coalesced(status, reason, headers)
         if length is not None:
             out.content_length = length
         await out.prepare(self.request)
@@ -169,8 +188,7 @@ class AiohttpDownstream:
     async def start(
         self, status: int, reason: str | None, headers: CIMultiDict[str], length: int | None
     ) -> None:
-        out = web.StreamResponse(status=status, reason=_sendable(reason), headers=headers)
-        self.response = out
+        out = self.response = _Relayed(status, reason, headers)
         if length is not None:
             out.content_length = length
         await out.prepare(self.request)
@@ -182,16 +200,3 @@ class AiohttpDownstream:
     async def finish(self) -> None:
         assert self.response is not None
         await self.response.write_eof()
-
-
-def _sendable(reason: str | None) -> str | None:
-    """aiohttp writes the head as strict UTF-8: a phrase holding raw non-UTF-8 bytes
-    (kept as surrogates) cannot go out as received, so it gets the standard phrase rather
-    than a failed response. The lean server writes any phrase back byte for byte."""
-    if reason is None or reason.isascii():
-        return reason
-    try:
-        reason.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return reason

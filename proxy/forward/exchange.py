@@ -25,4 +25,4 @@ class Exchange:
     # request body), "budget" (the body did not fit the process's replay budgets),
     # "response_too_large" (the 401 itself: relayed as sent)
     error: str = ""  # short reason when it failed: "connect", "timeout", "token", "client_gone"...
-    upstream_error: str = ""  # "connect", "timeout", "reset", "tls" when the upstream failed
+    upstream_error: str = ""  # a transport.ErrorKind when the upstream failed

@@ -29,11 +29,21 @@ from proxy.forward.headers import (
     is_trusted,
     request_headers,
     response_headers,
+    sendable_reason,
 )
 from proxy.forward.redirects import rewrite_locations
 from proxy.forward.routing import upstream_url
 from proxy.forward.spool import Budget, Spool
-from proxy.forward.transport import Client, Response, SinkFailed, TransportError
+from proxy.forward.transport import Client, Response
+from proxy.forward.upstream_rules import (
+    ConnectFailed,
+    ErrorKind,
+    NotRepeated,
+    ProtocolError,
+    SinkFailed,
+    TransportError,
+)
+from proxy.forward.via_proxy import NoRetry, ViaProxy, via_proxy
 from proxy.problems import ClientTimeout, PayloadTooLarge, ProxyError, UpstreamError
 from proxy.tokens.source import Token, TokenSource
 
@@ -310,7 +320,7 @@ class Forwarder:
             headers[AUTHORIZATION] = token.authorization
         try:
             if route.proxy is not None:
-                resp: Upstream = await self._via_proxy(method, url, headers, route, data)
+                resp: Upstream = await via_proxy(self._session, method, url, headers, route, data)
             else:
                 resp = await self._client.request(
                     method,
@@ -329,30 +339,6 @@ class Forwarder:
             ex.ttfb = time.perf_counter() - ex.started
         return resp
 
-    async def _via_proxy(
-        self,
-        method: str,
-        url: URL,
-        headers: CIMultiDict[str],
-        route: RouteRuntime,
-        data: bytes | AsyncIterator[bytes] | None,
-    ) -> _ViaProxy:
-        """aiohttp speaks to HTTP(S)_PROXY (CONNECT tunnels included); the lean client does not."""
-        assert route.proxy is not None
-        resp = await self._session.request(
-            method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=route.timeout,
-            ssl=route.ssl,
-            server_hostname=route.server_hostname,
-            proxy=route.proxy[0],
-            proxy_auth=route.proxy[1],
-        )
-        return _ViaProxy(resp)
-
     async def _relay(
         self,
         request: Downstream,
@@ -369,22 +355,23 @@ class Forwarder:
         rewrite_locations(headers, route.origin, route.base_path, route.prefix)
         headers["X-Request-Id"] = ex.request_id
         ex.status = resp.status
+        reason = sendable_reason(resp.reason)
         length = resp.content_length if resp.status not in NO_BODY_STATUSES else None
         complete = False
         try:
             if no_body:
-                await request.respond(resp.status, resp.reason, headers, b"", length)
+                await request.respond(resp.status, reason, headers, b"", length)
                 complete = True
                 return
             body = resp.body if isinstance(resp, _Buffered) else await _arrived_body(resp)
             if body is None:
                 assert not isinstance(resp, _Buffered)
-                await request.start(resp.status, resp.reason, headers, length)
+                await request.start(resp.status, reason, headers, length)
                 await self._stream(request, resp, ex)
                 complete = True
                 await request.finish()
                 return
-            await request.respond(resp.status, resp.reason, headers, body, length)
+            await request.respond(resp.status, reason, headers, body, length)
             ex.bytes_out += len(body)
             complete = True
         finally:
@@ -491,29 +478,7 @@ class _Buffered:
         """As ``close``."""
 
 
-class _ViaProxy:
-    """An aiohttp response (a route behind an env proxy) as the forwarder reads responses."""
-
-    __slots__ = ("_resp", "content_length", "headers", "reason", "status")
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.reason = resp.reason
-        self.headers = resp.headers
-        self.content_length = resp.content_length
-
-    async def readany(self) -> bytes:
-        return await self._resp.content.readany()
-
-    def release(self) -> None:
-        self._resp.release()
-
-    def close(self) -> None:
-        self._resp.close()
-
-
-Upstream = Response | _ViaProxy
+Upstream = Response | ViaProxy
 
 
 class _Prefixed:
@@ -546,30 +511,29 @@ class _Prefixed:
 Streamed = Upstream | _Prefixed  # a response whose body is read from the upstream
 
 _CLIENT_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, TransportError)
-_TRANSPORT_DETAIL = {
-    "connect": "cannot connect to the upstream",
-    "protocol": "upstream sent a malformed response",
-}
 
 
 def _translate(exc: BaseException) -> UpstreamError:
     """Low-level client failures, translated once into the proxy's error tree."""
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, NoRetry):
+        detail = TransportError.detail if exc.repeated else NotRepeated.detail
+        return UpstreamError(ErrorKind.RESET, detail)
     if isinstance(exc, TransportError):
-        detail = _TRANSPORT_DETAIL.get(exc.kind, "upstream connection failed")
-        if exc.kind == "connect" and exc.__cause__ is not None:
+        detail = exc.detail
+        if exc.kind == ErrorKind.CONNECT and exc.__cause__ is not None:
             detail = f"{detail}: {_reason(exc.__cause__)}"
         return UpstreamError(exc.kind, detail)
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        return UpstreamError("tls", f"TLS failure talking to the upstream: {_reason(exc)}")
+        return UpstreamError(ErrorKind.TLS, f"TLS failure talking to the upstream: {_reason(exc)}")
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
-        return UpstreamError("timeout", "upstream did not answer in time", status=504)
+        return UpstreamError(ErrorKind.TIMEOUT, "upstream did not answer in time", status=504)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("connect", f"cannot connect to the upstream: {_reason(exc)}")
+        return UpstreamError(ErrorKind.CONNECT, f"{ConnectFailed.detail}: {_reason(exc)}")
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return UpstreamError("protocol", "upstream sent a malformed response")
-    return UpstreamError("reset", "upstream connection failed")
+        return UpstreamError(ErrorKind.PROTOCOL, ProtocolError.detail)
+    return UpstreamError(ErrorKind.RESET, TransportError.detail)
 
 
 def _reason(exc: BaseException) -> str:

@@ -131,6 +131,19 @@ def response_headers(
     return out
 
 
+def sendable_reason(reason: str | None) -> str | None:
+    """The upstream's reason phrase, or None (the standard phrase) when it holds bytes that
+    are not UTF-8 (kept as surrogates): aiohttp's server writes a head as UTF-8 and cannot
+    send them as received, so neither server does. Clients ignore the phrase (RFC 9112 §4)."""
+    if reason is None or reason.isascii():
+        return reason
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return reason
+
+
 def encode_head(lines: list[str]) -> bytes:
     """A message head from its lines (each ending in CRLF, the last one empty), refusing a
     name or value that would smuggle in a line of its own."""

@@ -7,10 +7,15 @@ once, a C parser for the answer, and body chunks handed over as they arrive, nev
 
 What ClientSession gave for free is rebuilt here on purpose: TLS (asyncio's SSL transport),
 a small DNS cache, connect and idle-read timeouts, idle expiry of pooled connections, one
-retry when a pooled connection turns out dead before it answered, 1xx interim responses
-skipped, and read-until-close bodies. A connection goes back to the pool only when both the
-request and the response were complete and neither side asked to close; anything else
-closes it, so a half-read or half-sent exchange can never leak into the next request.
+retry when a pooled connection turns out dead before it answered (only for a request that is
+safe to send twice: ``upstream_rules.repeatable``), 1xx interim responses skipped, and
+read-until-close bodies. A response head is judged before it is handed over (the status,
+Transfer-Encoding and header text rules of ``upstream_rules``), so a response the proxy cannot
+relay as sent becomes a 502 while no byte of it has reached the client.
+
+A connection goes back to the pool only when both the request and the response were
+complete and neither side asked to close; anything else closes it, so a half-read or
+half-sent exchange can never leak into the next request.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.forward.headers import encode_head
+from proxy.forward.upstream_rules import BodyFailed as BodyFailed
+from proxy.forward.upstream_rules import ConnectFailed as ConnectFailed
+from proxy.forward.upstream_rules import ConnectionLost as ConnectionLost
+from proxy.forward.upstream_rules import NotRepeated as NotRepeated
+from proxy.forward.upstream_rules import ProtocolError as ProtocolError
+from proxy.forward.upstream_rules import SinkFailed as SinkFailed
+from proxy.forward.upstream_rules import TransportError as TransportError
+from proxy.forward.upstream_rules import check_status, check_transfer_encoding, repeatable
 
 KEEPALIVE = 30.0  # idle pooled connections older than this are closed (aiohttp's default)
 DNS_TTL = 10.0
@@ -38,38 +51,7 @@ MAX_HEADERS = 100
 _NO_LENGTH_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FRAMING_NAMES = ("content-length", "transfer-encoding")
-
 Body = bytes | AsyncIterable[bytes] | None
-
-
-class TransportError(Exception):
-    """The upstream exchange failed; ``kind`` is the forwarder's ``upstream_error``."""
-
-    kind = "reset"
-
-
-class ConnectFailed(TransportError):
-    """No TCP connection could be made (refused, unreachable, name not resolved)."""
-
-    kind = "connect"
-
-
-class ProtocolError(TransportError):
-    """The upstream's response is malformed or framed ambiguously: never trust the rest."""
-
-    kind = "protocol"
-
-
-class ConnectionLost(TransportError):
-    """The upstream closed or reset the connection before the response was complete."""
-
-
-class BodyFailed(TransportError):
-    """The request body's source raised; the exception is chained."""
-
-
-class SinkFailed(TransportError):
-    """What a spliced body was handed to failed (the client went away); the cause is chained."""
 
 
 class _Stale(ConnectionLost):
@@ -332,12 +314,20 @@ class Response:
         if self._head_bytes > MAX_HEAD or len(self._raw) >= MAX_HEADERS:
             self._callback_error = ProtocolError("upstream response head too large")
             raise self._callback_error
-        self._raw.add(
-            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
-        )
+        try:  # bytes that are not UTF-8 could not go out as received on aiohttp's server
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            self._callback_error = ProtocolError("upstream header holds bytes that are not UTF-8")
+            raise self._callback_error from None
+        self._raw.add(name.decode("ascii", "surrogateescape"), text)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        try:
+            check_status(status)
+        except ProtocolError as exc:
+            self._callback_error = exc
+            raise
         if status == 101:  # never asked for: WebSockets go through aiohttp
             self._callback_error = ProtocolError("upstream switched protocols unasked")
             raise self._callback_error
@@ -346,10 +336,10 @@ class Response:
             return
         self._interim = False
         self.status = status
-        # as header values are decoded: encode_head gives the client back the same bytes
+        # kept as sent; one that is not UTF-8 gets the standard phrase (sendable_reason)
         self.reason = self._status_text.decode("utf-8", "surrogateescape")
         self.headers = CIMultiDictProxy(self._raw)
-        self.content_length = self._framing()
+        self.content_length = self._framing(not self._head_only and status not in (204, 304))
         self._keep_alive = self._parser.should_keep_alive()
         if self.content_length is not None and not self._head_only and status not in (204, 304):
             self._left = self.content_length
@@ -359,13 +349,21 @@ class Response:
             self.keep_alive = self._parser.should_keep_alive()
             self._finish()
 
-    def _framing(self) -> int | None:
+    def _framing(self, body: bool) -> int | None:
+        """The Content-Length, None when chunked or until close; judged before the head is
+        handed over, so an unrelayable framing is a 502 and not a cut after a 200."""
         raw = self._raw
         lengths = raw.getall("Content-Length", ())
         te = raw.get("Transfer-Encoding")
         if len(lengths) > 1 or (lengths and te is not None):
             self._callback_error = ProtocolError("upstream response framed two ways")
             raise self._callback_error
+        if body and te is not None:
+            try:
+                check_transfer_encoding(raw.getall("Transfer-Encoding", ()))
+            except ProtocolError as exc:
+                self._callback_error = exc
+                raise
         length = int(lengths[0]) if lengths and lengths[0].strip().isdigit() else None
         self._until_close = length is None and te is None
         return length
@@ -639,13 +637,13 @@ class Client:
         pool = self._pool(url, ssl, server_hostname)
         framing, length = _framing(method, headers, body)
         head = _head(method, url, headers, framing, pool.host_line)
-        send = _Send(head, body, length, read_timeout=read_timeout)
+        send = _Send(head, body, length, repeatable(method, headers), read_timeout=read_timeout)
         conn = pool.take(asyncio.get_running_loop().time())
         if conn is not None:
             try:
                 return await self._exchange(conn, method, send, read_timeout)
             except _Stale:
-                pass  # nothing of the request was consumed: send it once more, fresh
+                pass  # safe to repeat and nothing of it was consumed: once more, fresh
         conn = await self._connect(pool, connect_timeout)
         return await self._exchange(conn, method, send, read_timeout)
 
@@ -721,8 +719,13 @@ class Client:
             await resp.wait_head()
         except BaseException as exc:
             resp.close()
-            retry = conn.reused and not resp.got_bytes and not send.pulled
-            if retry and isinstance(exc, ConnectionLost):
+            if not (isinstance(exc, ConnectionLost) and conn.reused and not resp.got_bytes):
+                raise
+            # the keep-alive race: the upstream may have closed before reading the request,
+            # or after acting on it; only a request that is safe twice is sent again
+            if not send.repeatable:
+                raise NotRepeated(str(exc)) from exc
+            if not send.pulled:
                 raise _Stale(str(exc)) from exc
             raise
         return resp
@@ -764,6 +767,7 @@ class _Send:
     head: bytes
     body: Body
     length: int | None
+    repeatable: bool  # safe to send again when a reused connection closed before answering
     pulled: bool = False
     read_timeout: float | None = None  # how long the upstream may leave the body unread
 
