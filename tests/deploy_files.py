@@ -10,6 +10,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
+LOCK, BUILD_LOCK = ROOT / "requirements.lock", ROOT / "requirements-build.lock"
 Doc = dict[str, Any]
 Instructions = list[tuple[str, str]]
 
