@@ -338,3 +338,16 @@ def assert_problem(answer: Answer, status: int, request_id: str | None = None) -
     if request_id is not None:
         assert doc["request_id"] == request_id
     return str(doc["request_id"])
+
+
+async def read_event(stream: asyncio.StreamReader, event: str) -> dict[str, Any]:
+    """The next JSON log line of a real tokenrelay process whose ``event`` is ``event``."""
+    async with asyncio.timeout(30):
+        while raw := await stream.readline():
+            try:
+                line = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(line, dict) and line.get("event") == event:
+                return line
+    raise AssertionError(f"process ended before {event!r}")

@@ -1,12 +1,15 @@
-"""The Dockerfile and the Kubernetes manifests: static checks always, a real container run
-when a Docker daemon answers, schema validation when ``kubernetes-validate`` is installed."""
+"""The Dockerfile (installs only from the locks) and the container quick start: static checks, the
+quick start's command run as a real process, a real container when a Docker daemon answers.
+The Kubernetes manifests are in test_kubernetes.py, the lock files in test_lock.py."""
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,73 +17,57 @@ import urllib.error
 import urllib.request
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from fnmatch import fnmatch
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from secrets import token_hex
 
+import aiohttp
 import pytest
 import yaml
+from yarl import URL
 
-from proxy.config import Config, parse_config
 from proxy.demo import demo_app
 from proxy.demo_run import DemoVendor
+from tests.deploy_files import (
+    BUILD_LOCK,
+    LOCK,
+    ROOT,
+    Instructions,
+    dockerfile,
+    final_stage,
+    only,
+    readme_section,
+    shell_commands,
+)
+from tests.helpers import read_event
 
-ROOT = Path(__file__).resolve().parent.parent
-K8S = ROOT / "deploy" / "kubernetes"
-Doc = dict[str, Any]
+PY = sys.executable
+DEMO = ROOT / "deploy" / "docker" / "demo.yaml"
 
 # ---------------------------------------------------------------------------
 # Dockerfile
 
 
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        word, _, args = (pending + stripped).partition(" ")
-        out.append((word.upper(), args.strip()))
-        pending = ""
-    return out
+@pytest.fixture(scope="module", name="dockerfile")
+def dockerfile_fixture() -> Instructions:
+    return dockerfile()
 
 
-@pytest.fixture(scope="module")
-def dockerfile() -> list[tuple[str, str]]:
-    return instructions((ROOT / "Dockerfile").read_text())
-
-
-def final_stage(instrs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    last_from = max(i for i, (word, _) in enumerate(instrs) if word == "FROM")
-    return instrs[last_from:]
-
-
-def only(instrs: list[tuple[str, str]], word: str) -> str:
-    found = [args for w, args in instrs if w == word]
-    assert len(found) == 1, f"expected one {word}, found {found}"
-    return found[0]
-
-
-def test_image_runs_as_a_numeric_non_root_user(dockerfile: list[tuple[str, str]]) -> None:
+def test_image_runs_as_a_numeric_non_root_user(dockerfile: Instructions) -> None:
     user = only(final_stage(dockerfile), "USER").split(":")[0]
     assert user.isdigit(), "numeric, so Kubernetes' runAsNonRoot can check it"
     assert int(user) != 0
 
 
-def test_entrypoint_and_cmd_are_exec_form(dockerfile: list[tuple[str, str]]) -> None:
+def test_entrypoint_and_cmd_are_exec_form(dockerfile: Instructions) -> None:
     stage = final_stage(dockerfile)
     assert json.loads(only(stage, "ENTRYPOINT")) == ["tokenrelay"]
     cmd = json.loads(only(stage, "CMD"))
     assert cmd == ["--config", "/etc/tokenrelay/routes.yaml", "--host", "0.0.0.0"]
 
 
-def test_healthcheck_asks_health_with_python(dockerfile: list[tuple[str, str]]) -> None:
+def test_healthcheck_asks_health_with_python(dockerfile: Instructions) -> None:
     stage = final_stage(dockerfile)
     check = only(stage, "HEALTHCHECK")
     assert "curl" not in check and "wget" not in check  # neither is in the slim image
@@ -92,13 +79,65 @@ def test_healthcheck_asks_health_with_python(dockerfile: list[tuple[str, str]]) 
     assert only(stage, "EXPOSE") == "8080"
 
 
-def test_two_stages_from_python_slim_with_venv_copied(dockerfile: list[tuple[str, str]]) -> None:
-    assert "ARG PYTHON_IMAGE=python:3.11-slim" in (ROOT / "Dockerfile").read_text()
+def global_args(instrs: Instructions) -> dict[str, str]:
+    """The ARGs before the first FROM (the only ones FROM can use), name -> default."""
+    first_from = next(i for i, (word, _) in enumerate(instrs) if word == "FROM")
+    pairs = (args.partition("=") for word, args in instrs[:first_from] if word == "ARG")
+    return {name: default for name, _, default in pairs}
+
+
+def test_base_image_is_one_arg_pinned_by_a_digest_set_in_one_place(
+    dockerfile: Instructions,
+) -> None:
+    """Both stages come from ${PYTHON_IMAGE}, which is python:3.11-slim@PYTHON_DIGEST once
+    the digest is filled in; the comment says how to get it."""
+    args = global_args(dockerfile)
+    assert list(args) == ["PYTHON_DIGEST", "PYTHON_IMAGE"]
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim${PYTHON_DIGEST:+@${PYTHON_DIGEST}}"
+    assert re.fullmatch(r"(sha256:[0-9a-f]{64})?", args["PYTHON_DIGEST"])
     froms = [args for word, args in dockerfile if word == "FROM"]
     assert froms == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE}"]
+    text = (ROOT / "Dockerfile").read_text()
+    assert "docker buildx imagetools inspect python:3.11-slim" in text
+    assert "crane digest python:3.11-slim" in text
+    assert text.count("python:3.11-slim${") == 1  # the tag is written once
+
+
+def test_final_stage_copies_the_venv_and_the_demo_config(dockerfile: Instructions) -> None:
     copies = [args for word, args in final_stage(dockerfile) if word == "COPY"]
-    assert copies == ["--from=build /opt/tokenrelay /opt/tokenrelay"]
-    assert any("pip install ." in args for word, args in dockerfile if word == "RUN")
+    assert copies == [
+        "--from=build /opt/tokenrelay /opt/tokenrelay",
+        f"{DEMO.relative_to(ROOT)} /usr/share/tokenrelay/demo.yaml",
+    ]
+
+
+def pip_commands(instrs: Instructions) -> list[list[str]]:
+    """Every pip call of every RUN, as words."""
+    return [
+        part.split()
+        for word, args in instrs
+        if word == "RUN"
+        for part in args.split("&&")
+        if re.search(r"/pip (install|wheel)\b", part)
+    ]
+
+
+def test_pip_installs_only_hash_checked_locked_files(dockerfile: Instructions) -> None:
+    """Dependencies and build backend from the locks with --require-hashes; the package
+    itself built without fetching anything and installed without dependencies."""
+    locks_installed = []
+    for words in pip_commands(dockerfile):
+        if "-r" in words:
+            assert "--require-hashes" in words, words
+            locks_installed.append(words[words.index("-r") + 1])
+        elif "wheel" in words:
+            assert {"--no-deps", "--no-build-isolation"} <= set(words), words
+        else:
+            assert "--no-deps" in words and words[-1].endswith(".whl"), words
+    assert sorted(locks_installed) == sorted([BUILD_LOCK.name, LOCK.name])
+    copied_at = dockerfile.index(("COPY", f"{LOCK.name} {BUILD_LOCK.name} ./"))
+    first_pip = next(i for i, (w, a) in enumerate(dockerfile) if w == "RUN" and "pip " in a)
+    assert copied_at < first_pip
 
 
 def dockerignore() -> list[str]:
@@ -107,18 +146,27 @@ def dockerignore() -> list[str]:
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
-    return any(fnmatch(path, p) or fnmatch(path.split("/")[0], p) for p in patterns)
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    verdict = False
+    for pattern in patterns:
+        exclude = not pattern.startswith("!")
+        if any(fnmatch(p, pattern.removeprefix("!")) for p in prefixes):
+            verdict = exclude
+    return verdict
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
     patterns = dockerignore()
     for path in (".venv", ".git", ".pytest_cache", ".mypy_cache", ".env", "tests/x.py"):
         assert ignored(path, patterns), path
-    for path in ("pyproject.toml", "README.md", "proxy"):
+    assert ignored("deploy/kubernetes/deployment.yaml", patterns)
+    for path in ("pyproject.toml", "README.md", "proxy", "requirements.lock"):
         assert not ignored(path, patterns), path
 
 
-def build_context_sources(instrs: list[tuple[str, str]]) -> list[str]:
+def build_context_sources(instrs: Instructions) -> list[str]:
     return [
         src
         for word, args in instrs
@@ -128,13 +176,15 @@ def build_context_sources(instrs: list[tuple[str, str]]) -> list[str]:
 
 
 def test_build_context_is_enough_to_install_the_package(
-    dockerfile: list[tuple[str, str]], tmp_path: Path
+    dockerfile: Instructions, tmp_path: Path
 ) -> None:
-    """What `docker build` does, without Docker: install from only the files it copies."""
+    """What `docker build` does, without Docker: every file it copies is in the context
+    (.dockerignore included), and those files alone make the package."""
     ctx = tmp_path / "ctx"
-    ctx.mkdir()
     for src in build_context_sources(dockerfile):
         assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which does not exist"
+        assert not ignored(src, dockerignore()), f".dockerignore leaves {src} out"
+        (ctx / src).parent.mkdir(parents=True, exist_ok=True)
         if (ROOT / src).is_dir():
             shutil.copytree(ROOT / src, ctx / src, ignore=shutil.ignore_patterns("__pycache__"))
         else:
@@ -149,7 +199,126 @@ def test_build_context_is_enough_to_install_the_package(
         names = zf.namelist()
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "tokenrelay = proxy.cli:main" in zf.read(entry_points).decode()
-    assert {"proxy/demo.py", "proxy/config.py"} <= set(names)
+    assert {"proxy/demo.py", "proxy/demo_run.py", "proxy/config.py"} <= set(names)
+
+
+# ---------------------------------------------------------------------------
+# the README's container quick start, run without Docker
+
+
+def quick_start() -> list[str]:
+    """The README's `docker run` of the demo image."""
+    runs = [c for c in shell_commands(readme_section("Container and Kubernetes"))
+            if c[:2] == ["docker", "run"] and "proxy.demo_run" in c]  # fmt: skip
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def option(words: list[str], name: str) -> str:
+    return words[words.index(name) + 1]
+
+
+def in_image(path: str) -> Path:
+    """The repository file the Dockerfile copies to ``path`` in the image."""
+    for word, args in dockerfile():
+        src, _, dest = args.rpartition(" ")
+        if word == "COPY" and dest == path:
+            return ROOT / src
+    raise AssertionError(f"the Dockerfile puts nothing at {path}")
+
+
+def quick_start_argv() -> tuple[list[str], list[str]]:
+    """(what the container runs, as a local command line; the -e variables it needs)."""
+    run = quick_start()
+    image = next(w for w in run if w.startswith("tokenrelay:"))
+    command = [option(run, "--entrypoint"), *run[run.index(image) + 1 :]]
+    assert command[0] == "python"
+    command[0] = PY
+    i = command.index("--config") + 1
+    command[i] = str(in_image(command[i]))
+    env = [run[i + 1] for i, w in enumerate(run) if w == "-e"]
+    return command, env
+
+
+def test_quick_start_publishes_the_demo_port_on_loopback_only() -> None:
+    run = quick_start()
+    config = yaml.safe_load(in_image(option(run, "--config")).read_text())
+    host, port = option(run, "-p").rsplit(":", 2)[0], option(run, "-p").rsplit(":", 1)[1]
+    assert host == "127.0.0.1", "the host side of -p: nothing outside this machine"
+    assert config["listen"] == {"host": "0.0.0.0", "port": int(port)}
+    assert "--rm" in run
+
+
+def demo_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    return {**env, **extra}
+
+
+def tokenrelay_check(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "proxy", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def test_demo_config_passes_check_only_with_the_key_the_quick_start_sets(
+    tmp_path: Path,
+) -> None:
+    """The real CLI, with its open-listener rule: the demo config listens on 0.0.0.0 and
+    passes because it has a client key, from the variable `docker run -e` passes."""
+    _, env_names = quick_start_argv()
+    assert env_names == ["TOKENRELAY_DEMO_KEY"]
+    ok = tokenrelay_check(DEMO, demo_env(TOKENRELAY_DEMO_KEY=token_hex(16)))
+    assert ok.returncode == 0, ok.stderr
+    assert "config OK" in ok.stdout and "route /demo/ " in ok.stdout
+    missing = tokenrelay_check(DEMO, demo_env())
+    assert missing.returncode == 2
+    assert "clients[0].key: environment variable TOKENRELAY_DEMO_KEY is not set" in missing.stderr
+    doc = yaml.safe_load(DEMO.read_text())
+    del doc["clients"]
+    open_port = tmp_path / "demo.yaml"
+    open_port.write_text(yaml.safe_dump(doc))
+    refused = tokenrelay_check(open_port, demo_env())
+    assert refused.returncode == 2
+    assert "listen.host: listening on 0.0.0.0 would let anyone" in refused.stderr
+
+
+@pytest.fixture
+async def quick_start_process() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """The container's command, here: the demo vendor and the proxy on free ports."""
+    command, _ = quick_start_argv()
+    key = token_hex(16)
+    proc = await asyncio.create_subprocess_exec(
+        *command, "--demo-port", "0", "--port", "0",
+        env=demo_env(TOKENRELAY_DEMO_KEY=key),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    yield proc, key
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_quick_start_command_serves_the_demo_to_the_key_and_stops_on_sigterm(
+    quick_start_process: tuple[asyncio.subprocess.Process, str], client: aiohttp.ClientSession
+) -> None:
+    proc, key = quick_start_process
+    assert proc.stderr is not None
+    address = URL(str((await read_event(proc.stderr, "listening"))["address"]))
+    assert address.host == "0.0.0.0"
+    base = URL.build(scheme="http", host="127.0.0.1", port=address.port)
+    async with client.get(base / "demo" / "api" / "hello", headers={"X-Api-Key": key}) as r:
+        assert r.status == 200
+        assert (await r.json())["token"]["grant"] == "password"
+    async with client.get(base / "demo-cc" / "api" / "hello", headers={"X-Api-Key": key}) as r:
+        assert (r.status, (await r.json())["token"]["grant"]) == (200, "client_credentials")
+    async with client.get(base / "demo" / "api" / "hello") as r:
+        assert r.status == 401
+        assert r.headers["Content-Type"] == "application/problem+json"
+    proc.send_signal(signal.SIGTERM)
+    rest = (await proc.stderr.read()).decode()
+    assert await proc.wait() == 0
+    assert "Traceback" not in rest
 
 
 # ---------------------------------------------------------------------------
@@ -164,8 +333,10 @@ def docker_unavailable() -> str:
     return "" if probe.returncode == 0 else "docker daemon not reachable (`docker info` failed)"
 
 
-def docker(*args: str, timeout: float = 60) -> str:
-    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+def docker(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -245,270 +416,25 @@ def test_container_proxies_runs_unprivileged_and_stops_cleanly_on_sigterm(
         vendor.stop()
 
 
-# ---------------------------------------------------------------------------
-# Kubernetes manifests
-
-
-def load_docs() -> list[tuple[str, Doc]]:
-    return [
-        (path.name, doc)
-        for path in sorted(K8S.glob("*.yaml"))
-        for doc in yaml.safe_load_all(path.read_text())
-        if doc is not None
-    ]
-
-
-DOCS = load_docs()
-OBJECTS = [(f, d) for f, d in DOCS if d["kind"] != "Kustomization"]
-DEPLOYMENTS = [d for _, d in OBJECTS if d["kind"] == "Deployment"]
-
-
-def by_kind_name(kind: str, name: str) -> Doc:
-    (doc,) = [d for _, d in OBJECTS if d["kind"] == kind and d["metadata"]["name"] == name]
-    return doc
-
-
-def pod(dep: Doc) -> Doc:
-    spec: Doc = dep["spec"]["template"]["spec"]
-    return spec
-
-
-def all_containers(dep: Doc) -> list[Doc]:
-    return [*pod(dep).get("initContainers", []), *pod(dep)["containers"]]
-
-
-def relay(dep: Doc) -> Doc:
-    (c,) = [c for c in all_containers(dep) if c["name"] == "tokenrelay"]
-    return c
-
-
-def test_manifests_exist() -> None:
-    kinds = {d["kind"] for _, d in DOCS}
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "Kustomization"} <= kinds
-    assert len(DEPLOYMENTS) == 2  # the shared service and the sidecar example
-
-
-@pytest.mark.parametrize(("file", "doc"), OBJECTS, ids=[f for f, _ in OBJECTS])
-def test_every_document_is_a_named_object(file: str, doc: Doc) -> None:
-    assert doc["apiVersion"] and doc["kind"]
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
-
-
-def kubernetes_validate_missing() -> str:
-    if importlib.util.find_spec("kubernetes_validate") is None:
-        return "kubernetes-validate not installed (pip install kubernetes-validate)"
-    return ""
-
-
-@pytest.mark.skipif(
-    bool(kubernetes_validate_missing()), reason=kubernetes_validate_missing() or "-"
-)
-@pytest.mark.parametrize("version", ["1.29.0", "1.33.0"])
-def test_manifests_match_the_kubernetes_schema(version: str) -> None:
-    """Strict: a misspelt or misplaced field fails. 1.29 is the oldest with native sidecars."""
-    import kubernetes_validate.utils as kv  # type: ignore[import-untyped]
-
-    for file, doc in OBJECTS:
-        try:
-            kv.validate(doc, version, strict=True)
-        except kv.ValidationError as exc:
-            pytest.fail(f"{file} {doc['kind']}/{doc['metadata']['name']}: {exc.message}")
-
-
-def test_kustomization_lists_real_files_but_not_the_example_secret() -> None:
-    (kust,) = [d for _, d in DOCS if d["kind"] == "Kustomization"]
-    resources = kust["resources"]
-    assert all((K8S / r).is_file() for r in resources)
-    assert "secret.example.yaml" not in resources  # would overwrite the real credentials
-    assert "sidecar-example.yaml" not in resources
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-def test_kustomize_build_renders_the_service_stack() -> None:
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    rendered = list(yaml.safe_load_all(out.stdout))
-    kinds = sorted(d["kind"] for d in rendered)
-    assert kinds == sorted(
-        ["ConfigMap", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
-    )
-
-
-def dockerfile_uid() -> int:
-    user = only(final_stage(instructions((ROOT / "Dockerfile").read_text())), "USER")
-    return int(user.split(":")[0])
-
-
-@pytest.mark.parametrize("dep", DEPLOYMENTS, ids=[d["metadata"]["name"] for d in DEPLOYMENTS])
-def test_pods_are_locked_down(dep: Doc) -> None:
-    sec = pod(dep)["securityContext"]
-    assert sec["runAsNonRoot"] is True
-    assert sec["runAsUser"] == dockerfile_uid()
-    assert pod(dep)["automountServiceAccountToken"] is False
-    for c in all_containers(dep):
-        assert c["image"], c["name"]
-        assert {"cpu", "memory"} <= set(c["resources"]["requests"]), c["name"]
-        assert "memory" in c["resources"]["limits"], c["name"]
-        csec = c["securityContext"]
-        assert csec["readOnlyRootFilesystem"] is True, c["name"]
-        assert csec["allowPrivilegeEscalation"] is False, c["name"]
-        assert csec["capabilities"]["drop"] == ["ALL"], c["name"]
-
-
-def probe_target(probe: Doc, container: Doc) -> tuple[str, int]:
-    """(path, port) a probe asks, for HTTP probes and the in-container python ones."""
-    if "httpGet" in probe:
-        port = probe["httpGet"]["port"]
-        if isinstance(port, str):
-            (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
-        return probe["httpGet"]["path"], int(port)
-    command = " ".join(probe["exec"]["command"])
-    m = re.search(r"http://127\.0\.0\.1:(\d+)(/-/\w+)", command)
-    assert m, command
-    return m.group(2), int(m.group(1))
-
-
-# ---------------------------------------------------------------------------
-# the routes.yaml inside each ConfigMap, as the pod would load it
-
-
-def volume(dep: Doc, name: str) -> Doc:
-    found: list[Doc] = [v for v in pod(dep)["volumes"] if v["name"] == name]
-    assert len(found) == 1, name
-    return found[0]
-
-
-def mount_for(dep: Doc, path: str) -> tuple[Doc, str]:
-    """The volume holding ``path`` in the tokenrelay container, and the path inside it."""
-    for m in relay(dep)["volumeMounts"]:
-        mount = PurePosixPath(m["mountPath"])
-        if PurePosixPath(path).is_relative_to(mount):
-            return volume(dep, m["name"]), str(PurePosixPath(path).relative_to(mount))
-    raise AssertionError(f"{path} is on no volume of the tokenrelay container")
-
-
-def file_keys(node: Any) -> Iterator[str]:
-    """Every ``*_file`` value in a raw config tree."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k.endswith("_file") and isinstance(v, str):
-                yield v
-            else:
-                yield from file_keys(v)
-    elif isinstance(node, list):
-        for item in node:
-            yield from file_keys(item)
-
-
-def config_text(dep: Doc) -> tuple[str, str]:
-    args = relay(dep)["args"]
-    path = args[args.index("--config") + 1]
-    vol, key = mount_for(dep, path)
-    cm = by_kind_name("ConfigMap", vol["configMap"]["name"])
-    return path, cm["data"][key]
-
-
-def loaded(dep: Doc, tmp_path: Path) -> Config:
-    """Parse the ConfigMap's routes.yaml with the pod's env and secret files (dummy values)."""
-    _, text = config_text(dep)
-    for path in file_keys(yaml.safe_load(text)):
-        vol, key = mount_for(dep, path)
-        assert "secret" in vol, f"{path} must come from a Secret volume"
-        local = tmp_path / vol["secret"]["secretName"] / key
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text(f"dummy-{key}\n")
-        text = text.replace(path, str(local))
-    env = {e["name"]: f"dummy-{e['name']}" for e in relay(dep).get("env", [])}
-    return parse_config(text, "routes.yaml", env=env).config
-
-
-@pytest.mark.parametrize("dep", DEPLOYMENTS, ids=[d["metadata"]["name"] for d in DEPLOYMENTS])
-def test_config_parses_with_the_pods_env_and_secret_files(dep: Doc, tmp_path: Path) -> None:
-    config = loaded(dep, tmp_path)
-    assert config.routes and all(r.provider for r in config.routes)
-    assert config.spool_dir is not None, "read-only root: the spool must be on a volume"
-    vol, _ = mount_for(dep, str(config.spool_dir))
-    assert "emptyDir" in vol
-
-
-@pytest.mark.parametrize("dep", DEPLOYMENTS, ids=[d["metadata"]["name"] for d in DEPLOYMENTS])
-def test_probes_ask_health_and_ready_on_the_configured_port(dep: Doc, tmp_path: Path) -> None:
-    config, c = loaded(dep, tmp_path), relay(dep)
-    assert probe_target(c["readinessProbe"], c) == ("/-/ready", config.listen.port)
-    assert probe_target(c["livenessProbe"], c) == ("/-/health", config.listen.port)
-    if "startupProbe" in c:
-        assert probe_target(c["startupProbe"], c) == ("/-/ready", config.listen.port)
-
-
-def test_shared_service_is_reachable_only_with_client_keys(tmp_path: Path) -> None:
-    dep = by_kind_name("Deployment", "tokenrelay")
-    config = loaded(dep, tmp_path)
-    assert config.listen.host == "0.0.0.0"
-    assert config.clients and not config.allow_unauthenticated
-    routes = {r.prefix for r in config.routes}
-    assert all(set(c.routes) <= routes for c in config.clients)
-    (port,) = relay(dep)["ports"]
-    assert port["containerPort"] == config.listen.port
-    grace = pod(dep)["terminationGracePeriodSeconds"]
-    pause = int(relay(dep)["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert config.shutdown_grace + pause < grace, "SIGKILL would cut the drain short"
-
-
-def test_service_and_network_policy_target_the_pods(tmp_path: Path) -> None:
-    dep = by_kind_name("Deployment", "tokenrelay")
-    labels = dep["spec"]["template"]["metadata"]["labels"]
-    svc = by_kind_name("Service", "tokenrelay")
-    assert svc["spec"]["selector"].items() <= labels.items()
-    (sport,) = svc["spec"]["ports"]
-    (cport,) = relay(dep)["ports"]
-    assert sport["targetPort"] in (cport["name"], cport["containerPort"])
-    netpol = by_kind_name("NetworkPolicy", "tokenrelay")
-    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    assert [p["port"] for p in netpol["spec"]["ingress"][0]["ports"]] == [cport["containerPort"]]
-
-
-def test_secret_example_has_every_key_the_deployment_reads(tmp_path: Path) -> None:
-    dep = by_kind_name("Deployment", "tokenrelay")
-    secret = by_kind_name("Secret", "tokenrelay-credentials")
-    keys = set(secret["stringData"])
-    _, text = config_text(dep)
-    for path in file_keys(yaml.safe_load(text)):
-        vol, key = mount_for(dep, path)
-        assert vol["secret"]["secretName"] == "tokenrelay-credentials"
-        assert key in keys
-    for e in relay(dep)["env"]:
-        ref = e["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == "tokenrelay-credentials" and ref["key"] in keys
-
-
-def test_sidecar_listens_on_loopback_and_the_app_calls_it(tmp_path: Path) -> None:
-    dep = by_kind_name("Deployment", "billing-app")
-    config = loaded(dep, tmp_path)
-    assert config.listen.host == "127.0.0.1"
-    sidecar = relay(dep)
-    assert sidecar in pod(dep)["initContainers"] and sidecar["restartPolicy"] == "Always"
-    (app,) = pod(dep)["containers"]
-    urls = [e["value"] for e in app["env"] if str(e.get("value", "")).startswith("http")]
-    prefixes = [r.prefix for r in config.routes]
-    assert urls and all(
-        any(u == f"http://127.0.0.1:{config.listen.port}{p}" for p in prefixes) for u in urls
-    )
-    assert "ports" not in sidecar  # nothing to expose outside the pod
-
-
-def test_proxy_cli_accepts_the_shared_service_config(tmp_path: Path) -> None:
-    """The exposure check of the real CLI, when it is importable (it is written alongside)."""
+@pytest.mark.skipif(bool(docker_unavailable()), reason=docker_unavailable() or "-")
+def test_readme_quick_start_container_serves_the_demo_to_the_key(image: str) -> None:
+    """The README's `docker run`, on a free host port and detached, as written otherwise."""
+    run, port, key = quick_start(), free_port(), token_hex(16)
+    name = f"tokenrelay-test-{uuid.uuid4().hex[:8]}"
+    image_at = next(i for i, w in enumerate(run) if w.startswith("tokenrelay:"))
+    options = [w for w in run[2:image_at] if w != "--rm"]
+    options[options.index("--name") + 1] = name
+    options[options.index("-p") + 1] = f"127.0.0.1:{port}:8080"
     try:
-        cli = importlib.import_module("proxy.cli")
-    except ImportError as exc:
-        pytest.skip(f"proxy.cli is not importable yet: {exc}")
-    dep = by_kind_name("Deployment", "tokenrelay")
-    _, text = config_text(dep)
-    for path in file_keys(yaml.safe_load(text)):
-        local = tmp_path / PurePosixPath(path).name
-        local.write_text("dummy\n")
-        text = text.replace(path, str(local))
-    env = {e["name"]: "dummy" for e in relay(dep)["env"]}
-    cli.check_exposure(parse_config(text, "routes.yaml", env=env))
+        docker("run", "-d", *options, image, *run[image_at + 1 :],
+               env={**os.environ, "TOKENRELAY_DEMO_KEY": key})  # fmt: skip
+        wait_ready(f"http://127.0.0.1:{port}/-/ready")
+        hello = urllib.request.Request(
+            f"http://127.0.0.1:{port}/demo/api/hello", headers={"X-Api-Key": key}
+        )
+        with urllib.request.urlopen(hello, timeout=10) as resp:
+            assert json.load(resp)["token"]["grant"] == "password"
+        docker("stop", "--time", "25", name, timeout=60)
+        assert docker("inspect", "--format", "{{.State.ExitCode}}", name) == "0"
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
