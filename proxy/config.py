@@ -251,20 +251,25 @@ class Provider(Model):
         if self.client_auth == "basic_raw" and ":" in (self.client_id or ""):
             raise ValueError("client_auth basic_raw cannot send a client_id holding ':'")
         self._client_auth_fields()
-        self._issuer_fields()
+        if self.issuer is not None and self.token_url is not None:
+            raise _KeyedError(("issuer",), "give token_url or issuer (discovery), not both")
+        self._no_plain_http()
         return self
 
-    def _issuer_fields(self) -> None:
-        if self.issuer is None:
+    def _no_plain_http(self) -> None:
+        """Token, refresh and discovery requests carry passwords, secrets and assertions:
+        the upstream rule (loopback, or an explicit allow_plain_http) holds for them too."""
+        if self.allow_plain_http:
             return
-        if self.token_url is not None:
-            raise _KeyedError(("issuer",), "give token_url or issuer (discovery), not both")
-        if plain_remote(self.issuer) and not self.allow_plain_http:
-            raise _KeyedError(
-                ("issuer",),
-                f"plain http to {URL(self.issuer).host} would send client credentials in "
-                "clear; use https or set allow_plain_http: true",
-            )
+        for key in ("token_url", "refresh_url", "issuer"):
+            url = getattr(self, key)
+            if url is not None and plain_remote(url):
+                via = " (from auth_base)" if self.preset == "simacan" and key != "issuer" else ""
+                raise _KeyedError(
+                    (key,),
+                    f"plain http to {URL(url).host}{via} would send the credentials in clear; "
+                    "use https or set allow_plain_http: true",
+                )
 
     def _client_auth_fields(self) -> None:
         """What each OIDC Core §9 / RFC 8705 method needs, refused at its key."""

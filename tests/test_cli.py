@@ -262,3 +262,15 @@ def test_hash_key_refuses_an_empty_key() -> None:
     out = subprocess.run([PY, "-m", "proxy", "hash-key"], input="", capture_output=True, text=True)
     assert out.returncode == 2
     assert "no key on stdin" in out.stderr
+
+
+def test_check_refuses_a_plain_http_token_url_to_a_remote_host(tmp_path: Path) -> None:
+    cfg = tmp_path / "routes.yaml"
+    cfg.write_text(
+        "providers:\n  p: {grant: client_credentials, token_url: 'http://idp.example.com/token',"
+        " client_id: c, client_secret: 'CS-MARKER-3'}\n"
+    )
+    out = run_cli("check", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "providers.p.token_url: plain http to idp.example.com" in out.stderr
+    assert "CS-MARKER-3" not in out.stderr + out.stdout

@@ -151,3 +151,32 @@ def test_a_yaml_error_names_where_the_broken_construct_starts() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(text, "routes.yaml", {})
     assert "quoted scalar that starts at line 2, column 13" in err.value.problem
+
+
+@pytest.mark.parametrize(
+    ("keys", "where"),
+    [
+        ({"grant": "client_credentials", "token_url": "http://idp.example/t"}, "token_url"),
+        (
+            {"grant": "password", "token_url": "https://idp.example/t", "username": "u",
+             "password": "PW-MARKER-9", "refresh_url": "http://idp.example/r"},
+            "refresh_url",
+        ),
+        ({"grant": "client_credentials", "issuer": "http://idp.example"}, "issuer"),
+        ({"preset": "simacan", "auth_base": "http://auth.example", "username": "u",
+          "password": "PW-MARKER-9"}, "token_url"),
+    ],
+)  # fmt: skip
+def test_plain_http_to_a_remote_token_endpoint_is_refused(keys: dict[str, str], where: str) -> None:
+    import json
+
+    base = {"client_id": "c", "client_secret": "CS-MARKER-9"} if "grant" in keys else {}
+    text = f"providers:\n  p: {json.dumps(base | keys)}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "routes.yaml", {})
+    assert err.value.path == f"providers.p.{where}"
+    assert "in clear" in err.value.problem and "allow_plain_http" in err.value.problem
+    assert "MARKER" not in str(err.value)
+    parse_config(text.replace("p: {", 'p: {"allow_plain_http": true, '), "routes.yaml", {})
+    loopback = text.replace("idp.example", "127.0.0.1").replace("auth.example", "localhost")
+    parse_config(loopback, "routes.yaml", {})
