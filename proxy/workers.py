@@ -29,20 +29,20 @@ import structlog
 from aiohttp import web
 
 from proxy.app import make_token_session
-from proxy.cli import (
+from proxy.config import Listen, Loaded, Provider
+from proxy.filewatch import watch as watch_files
+from proxy.observability import Observer, configure_logging
+from proxy.problems import ConfigError, TokenError
+from proxy.serving import (
     Serving,
-    _install_uvloop,
-    _load_for_run,
     config_failed,
+    install_uvloop,
+    load_for_run,
     on_signals,
     reload_in_background,
     serve_app,
     spawn,
 )
-from proxy.config import Listen, Loaded, Provider
-from proxy.filewatch import watch as watch_files
-from proxy.observability import Observer, configure_logging
-from proxy.problems import ConfigError, TokenError
 from proxy.startonly import check_exposure, keep_running, restart_needed
 from proxy.tokens.cache import CachedTokenSource
 from proxy.tokens.grants import EventSink
@@ -107,7 +107,7 @@ class Supervisor:
         """Rebuild the registry (unchanged providers keep their tokens), then SIGHUP workers."""
         async with self._reload_lock:
             try:
-                loaded = await asyncio.to_thread(_load_for_run, self.path, *self.cli_listen)
+                loaded = await asyncio.to_thread(load_for_run, self.path, *self.cli_listen)
                 running = self.loaded.config
                 self.restart_needed = restart_needed(running, loaded.config)
                 loaded.config = keep_running(running, loaded.config)
@@ -403,7 +403,7 @@ class BrokeredRegistry(TokenRegistry):
 
 
 def _worker_load(args: argparse.Namespace) -> Loaded:
-    loaded = _load_for_run(args.config, args.host, args.port)
+    loaded = load_for_run(args.config, args.host, args.port)
     admin = loaded.config.admin
     if admin is not None and args.admin_port is not None:
         listen = Listen(host=admin.host, port=args.admin_port, tls=admin.tls)
@@ -486,7 +486,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         loaded = _worker_load(args)
     except ConfigError as err:
         return config_failed(err, "tokenrelay worker")
-    _install_uvloop()
+    install_uvloop()
     return asyncio.run(_worker(args, loaded))
 
 

@@ -453,9 +453,9 @@ async def test_a_rotated_key_file_is_used_on_the_next_token_request(
         cfg.write_text(text)
         proxy = await start_proxy(text)
         rt = proxy.runtime
-        from proxy.cli import _load_for_run
+        from proxy.serving import load_for_run
 
-        rt.reloader = lambda: asyncio.to_thread(_load_for_run, str(cfg), None, None)
+        rt.reloader = lambda: asyncio.to_thread(load_for_run, str(cfg), None, None)
         first = await bearer_through(client, proxy.url, e)
         await op.next_event()
         write_key(tmp_path, new, "client.pem")

@@ -343,14 +343,11 @@ def test_sidecar_listens_on_loopback_and_the_app_calls_it(tmp_path: Path) -> Non
     assert "ports" not in sidecar  # nothing to expose outside the pod
 
 
-def test_proxy_cli_accepts_the_shared_service_config(tmp_path: Path) -> None:
-    """The exposure check of the real CLI, when it is importable (it is written alongside)."""
-    try:
-        cli = importlib.import_module("proxy.cli")
-    except ImportError as exc:
-        pytest.skip(f"proxy.cli is not importable yet: {exc}")
+def test_the_shared_service_config_passes_the_open_listener_rule(tmp_path: Path) -> None:
+    from proxy.startonly import check_exposure
+
     text, env = with_local_files(by_kind_name("Deployment", "tokenrelay"), tmp_path)
-    cli.check_exposure(parse_config(text, "routes.yaml", env=env))
+    check_exposure(parse_config(text, "routes.yaml", env=env))
 
 
 # ---------------------------------------------------------------------------

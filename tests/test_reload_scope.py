@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.cli import _load_for_run
 from proxy.config import parse_config
 from proxy.problems import ConfigError
+from proxy.serving import load_for_run
 from proxy.startonly import check_exposure, keep_running, restart_needed
 from tests.conftest import StartProxy
 from tests.helpers import Echo
@@ -89,7 +89,7 @@ async def test_admin_reload_answers_which_keys_need_a_restart(
     assert proxy.admin_url is not None
     file = tmp_path / "routes.yaml"
     file.write_text("listen: {port: 1}\nlimits: {max_headers: 7, max_body: 4}\n" + good)
-    proxy.runtime.reloader = lambda: asyncio.to_thread(_load_for_run, str(file), None, None)
+    proxy.runtime.reloader = lambda: asyncio.to_thread(load_for_run, str(file), None, None)
     async with client.post(proxy.admin_url / "-" / "reload") as r:
         assert r.status == 200
         assert (await r.json())["restart_needed"] == ["listen.port", "limits.max_headers"]

@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import serialization
 from yarl import URL
 
 from proxy.app import RUNTIME, create_app, start_runner
-from proxy.cli import _load_for_run
 from proxy.config import Loaded, parse_config
 from proxy.observability import Observer
 from proxy.problems import ConfigError
+from proxy.serving import load_for_run
 from tests.conftest import StartProxy
 from tests.helpers import Echo
 
@@ -174,7 +174,7 @@ def test_bad_host_on_the_command_line_is_a_config_error(tmp_path: Path) -> None:
     cfg = tmp_path / "routes.yaml"
     cfg.write_text(ROUTE)
     with pytest.raises(ConfigError) as err:
-        _load_for_run(str(cfg), "not a host", None)
+        load_for_run(str(cfg), "not a host", None)
     assert (err.value.file, err.value.path) == ("command line", "listen.host")
 
 
@@ -271,7 +271,7 @@ async def test_admin_reload_refusals_are_problems_and_counted(
     rt, cfg = proxy.runtime, tmp_path / "routes.yaml"
     loaded = rt.loaded
     reloaders = [
-        lambda: asyncio.to_thread(_load_for_run, str(cfg), None, None),
+        lambda: asyncio.to_thread(load_for_run, str(cfg), None, None),
         lambda: _fail(RuntimeError("broker gone")),
         lambda: _ready(Loaded(loaded.config.model_copy(update={"trusted_proxies": ["x"]}), "m")),
     ]

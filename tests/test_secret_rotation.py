@@ -80,9 +80,9 @@ async def started(
     cfg = tmp_path / "routes.yaml"
     cfg.write_text(text)
     proxy = await start_proxy(text)
-    from proxy.cli import _load_for_run
+    from proxy.serving import load_for_run
 
-    proxy.runtime.reloader = lambda: asyncio.to_thread(_load_for_run, str(cfg), None, None)
+    proxy.runtime.reloader = lambda: asyncio.to_thread(load_for_run, str(cfg), None, None)
     proxy.runtime.loaded = await proxy.runtime.reloader()
     return proxy, logins, secret
 
