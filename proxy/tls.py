@@ -11,10 +11,23 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn, Protocol
 
-if TYPE_CHECKING:
-    from proxy.config import TLS
+
+class TLS(Protocol):
+    """The client-side TLS settings read here (``proxy.config.TLS`` is one); a protocol, so
+    this module sits below the config models instead of importing them."""
+
+    @property
+    def ca_file(self) -> Path | None: ...
+    @property
+    def client_cert_file(self) -> Path | None: ...
+    @property
+    def client_key_file(self) -> Path | None: ...
+    @property
+    def server_name(self) -> str | None: ...
+    @property
+    def insecure_skip_verify(self) -> bool: ...
 
 
 class TLSFileError(ValueError):

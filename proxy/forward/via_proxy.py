@@ -3,8 +3,9 @@ included), which the lean client does not; given the lean client's rules here.""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -12,8 +13,18 @@ from yarl import URL
 
 from proxy.forward.upstream_rules import ProtocolError, check_head, repeatable
 
-if TYPE_CHECKING:
-    from proxy.forward.forwarder import RouteRuntime
+
+class ProxiedRoute(Protocol):
+    """What a request through an env proxy needs of its route (``RouteRuntime`` is one)."""
+
+    @property
+    def proxy(self) -> tuple[URL, aiohttp.BasicAuth | None] | None: ...
+    @property
+    def timeout(self) -> aiohttp.ClientTimeout: ...
+    @property
+    def ssl(self) -> ssl.SSLContext | bool: ...
+    @property
+    def server_hostname(self) -> str | None: ...
 
 
 async def via_proxy(
@@ -21,7 +32,7 @@ async def via_proxy(
     method: str,
     url: URL,
     headers: CIMultiDict[str],
-    route: RouteRuntime,
+    route: ProxiedRoute,
     data: bytes | AsyncIterator[bytes] | None,
 ) -> ViaProxy:
     """The request through the route's proxy; returns once a head that passes
