@@ -42,6 +42,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 CSRF_HEADER = "X-CSRF-Token"
+CLIENT_AUTH_GRANTS = frozenset({"client_credentials", "password"})
 ASSETS = {"status.js": "text/javascript", "status.css": "text/css"}
 _SAME_SITE = frozenset({"same-origin", "none"})
 
@@ -107,7 +108,11 @@ def _provider(name: str, state: Mapping[str, object], provider: Any, tokens: Any
     out: dict[str, Any] = {
         "name": name,
         "grant": provider.grant if provider is not None else None,
-        "client_auth": provider.client_auth if provider is not None else None,
+        "client_auth": (  # only these grants authenticate the client itself
+            provider.client_auth
+            if provider is not None and provider.grant in CLIENT_AUTH_GRANTS
+            else None
+        ),
         "token_calls_last_hour": tokens.calls_last_hour(name),
         "last_renewal": tokens.last_renewal.get(name),
     }

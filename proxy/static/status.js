@@ -56,7 +56,7 @@
       const tr = document.createElement("tr");
       tr.dataset.provider = p.name;
       cell(tr, p.name);
-      cell(tr, p.grant + (p.client_auth && p.grant !== "static" ? " / " + p.client_auth : ""));
+      cell(tr, p.grant + (p.client_auth ? " / " + p.client_auth : ""));
       const state = p.cooldown_seconds_left ? "cooldown" : p.state;
       cell(tr, state, "state state-" + state);
       cell(tr, secs(p.seconds_left), "num");
